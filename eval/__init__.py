@@ -1,0 +1,1 @@
+"""Continuous evaluation: scoring answers, regression detection and reports."""

@@ -1,0 +1,1 @@
+"""Vector index backends and the catalog of sources, documents, chunks and generations."""

@@ -1,0 +1,1 @@
+"""The HTTP service: ``/ask``, ``/search`` and the governed routing core."""
