@@ -87,7 +87,9 @@ aliases = sa.Table(
     "aliases",
     metadata,
     sa.Column("collection", sa.String(64), primary_key=True),
-    sa.Column("generation_id", sa.Integer, sa.ForeignKey("generations.id"), nullable=False),
+    sa.Column(
+        "generation_id", sa.Integer, sa.ForeignKey("generations.id"), nullable=False
+    ),
     sa.Column("previous_generation_id", sa.Integer, sa.ForeignKey("generations.id")),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
@@ -305,8 +307,13 @@ class Catalog:
     # -- generations and aliases -------------------------------------------
 
     def create_generation(
-        self, collection: str, fingerprint: str, pipeline: Mapping[str, Any], backend: str,
-        *, state: str = "building",
+        self,
+        collection: str,
+        fingerprint: str,
+        pipeline: Mapping[str, Any],
+        backend: str,
+        *,
+        state: str = "building",
     ) -> Generation:
         with self._tx() as conn:
             result = conn.execute(
@@ -346,13 +353,17 @@ class Catalog:
             values["built_at"] = utcnow()
         with self._tx() as conn:
             conn.execute(
-                generations.update().where(generations.c.id == generation_id).values(**values)
+                generations.update()
+                .where(generations.c.id == generation_id)
+                .values(**values)
             )
 
     def live_generation(self, collection: str) -> Generation | None:
         with self._tx() as conn:
             gen_id = conn.execute(
-                sa.select(aliases.c.generation_id).where(aliases.c.collection == collection)
+                sa.select(aliases.c.generation_id).where(
+                    aliases.c.collection == collection
+                )
             ).scalar()
         return None if gen_id is None else self.generation(int(gen_id))
 
@@ -377,7 +388,9 @@ class Catalog:
                     "completed build can be promoted."
                 )
             current = conn.execute(
-                sa.select(aliases.c.generation_id).where(aliases.c.collection == collection)
+                sa.select(aliases.c.generation_id).where(
+                    aliases.c.collection == collection
+                )
             ).scalar()
             if current == generation_id:
                 return None
@@ -385,7 +398,9 @@ class Catalog:
             if current is None:
                 conn.execute(
                     aliases.insert().values(
-                        collection=collection, generation_id=generation_id, updated_at=now
+                        collection=collection,
+                        generation_id=generation_id,
+                        updated_at=now,
                     )
                 )
             else:
@@ -424,7 +439,9 @@ class Catalog:
                     f"Collection {collection!r} has no previous generation to roll back to."
                 )
             previous = conn.execute(
-                generations.select().where(generations.c.id == alias.previous_generation_id)
+                generations.select().where(
+                    generations.c.id == alias.previous_generation_id
+                )
             ).first()
             if previous is None or previous.state not in ("retired", "ready"):
                 raise GenerationError(
@@ -456,12 +473,16 @@ class Catalog:
 
     def aliases(self) -> dict[str, int]:
         with self._tx() as conn:
-            rows = conn.execute(sa.select(aliases.c.collection, aliases.c.generation_id))
+            rows = conn.execute(
+                sa.select(aliases.c.collection, aliases.c.generation_id)
+            )
             return {row.collection: int(row.generation_id) for row in rows}
 
     # -- documents -----------------------------------------------------------
 
-    def document_states(self, generation_id: int, source: str) -> dict[str, DocumentState]:
+    def document_states(
+        self, generation_id: int, source: str
+    ) -> dict[str, DocumentState]:
         query = sa.select(
             documents.c.doc_id,
             documents.c.key,
@@ -469,19 +490,32 @@ class Catalog:
             documents.c.content_hash,
             documents.c.version,
             documents.c.error_hash,
-        ).where(documents.c.generation_id == generation_id, documents.c.source == source)
+        ).where(
+            documents.c.generation_id == generation_id, documents.c.source == source
+        )
         with self._tx() as conn:
             return {
                 row.doc_id: DocumentState(
-                    row.doc_id, row.key, row.status, row.content_hash, row.version,
+                    row.doc_id,
+                    row.key,
+                    row.status,
+                    row.content_hash,
+                    row.version,
                     row.error_hash,
                 )
                 for row in conn.execute(query)
             }
 
     def record_failure(
-        self, generation_id: int, *, doc_id: str, source: str, key: str, uri: str,
-        error: str, error_hash: str | None,
+        self,
+        generation_id: int,
+        *,
+        doc_id: str,
+        source: str,
+        key: str,
+        uri: str,
+        error: str,
+        error_hash: str | None,
     ) -> None:
         """Record that a document could not be read or parsed.
 
@@ -492,25 +526,42 @@ class Catalog:
         with self._tx() as conn:
             updated = conn.execute(
                 documents.update()
-                .where(documents.c.generation_id == generation_id, documents.c.doc_id == doc_id)
+                .where(
+                    documents.c.generation_id == generation_id,
+                    documents.c.doc_id == doc_id,
+                )
                 .values(error=error, error_hash=error_hash, error_at=now)
             ).rowcount
             if not updated:
                 conn.execute(
                     documents.insert().values(
-                        generation_id=generation_id, doc_id=doc_id, source=source, key=key,
-                        uri=uri, status="failed", chunk_count=0, access_labels="[]",
-                        metadata="{}", error=error, error_hash=error_hash, error_at=now,
+                        generation_id=generation_id,
+                        doc_id=doc_id,
+                        source=source,
+                        key=key,
+                        uri=uri,
+                        status="failed",
+                        chunk_count=0,
+                        access_labels="[]",
+                        metadata="{}",
+                        error=error,
+                        error_hash=error_hash,
+                        error_at=now,
                     )
                 )
 
-    def update_versions(self, generation_id: int, versions: Mapping[str, str | None]) -> None:
+    def update_versions(
+        self, generation_id: int, versions: Mapping[str, str | None]
+    ) -> None:
         """Record new validators for documents whose content did not change."""
         with self._tx() as conn:
             for doc_id, version in versions.items():
                 conn.execute(
                     documents.update()
-                    .where(documents.c.generation_id == generation_id, documents.c.doc_id == doc_id)
+                    .where(
+                        documents.c.generation_id == generation_id,
+                        documents.c.doc_id == doc_id,
+                    )
                     .values(version=version)
                 )
 
@@ -525,7 +576,9 @@ class Catalog:
         if not new_chunks:
             return
         with self._tx() as conn:
-            existing = _existing_chunk_ids(conn, generation_id, [c.chunk_id for c in new_chunks])
+            existing = _existing_chunk_ids(
+                conn, generation_id, [c.chunk_id for c in new_chunks]
+            )
             rows = [
                 _chunk_row(generation_id, chunk, "pending")
                 for chunk in new_chunks
@@ -535,7 +588,9 @@ class Catalog:
                 conn.execute(chunks.insert(), rows)
 
     def commit_documents(
-        self, generation_id: int, records: Sequence[DocumentRecord],
+        self,
+        generation_id: int,
+        records: Sequence[DocumentRecord],
         chunk_ids: Mapping[str, Sequence[str]],
     ) -> list[int]:
         """Step 3: make new chunks live, retire replaced ones, record the documents.
@@ -548,28 +603,40 @@ class Catalog:
         with self._tx() as conn:
             for record in records:
                 current = list(chunk_ids.get(record.doc_id, ()))
-                retired.extend(_swap_document_chunks(conn, generation_id, record.doc_id, current))
+                retired.extend(
+                    _swap_document_chunks(conn, generation_id, record.doc_id, current)
+                )
                 _upsert_document(conn, generation_id, record, now)
         return retired
 
-    def begin_delete_documents(self, generation_id: int, doc_ids: Sequence[str]) -> list[int]:
+    def begin_delete_documents(
+        self, generation_id: int, doc_ids: Sequence[str]
+    ) -> list[int]:
         """Hide documents and mark their chunks ``deleting``; returns their vector ids."""
         retired: list[int] = []
         with self._tx() as conn:
             for batch in _batched(doc_ids):
-                where = sa.and_(chunks.c.generation_id == generation_id, chunks.c.doc_id.in_(batch))
+                where = sa.and_(
+                    chunks.c.generation_id == generation_id, chunks.c.doc_id.in_(batch)
+                )
                 retired.extend(
-                    int(v) for v in conn.execute(sa.select(chunks.c.vector_id).where(where)).scalars()
+                    int(v)
+                    for v in conn.execute(
+                        sa.select(chunks.c.vector_id).where(where)
+                    ).scalars()
                 )
                 conn.execute(chunks.update().where(where).values(state="deleting"))
                 conn.execute(
                     documents.delete().where(
-                        documents.c.generation_id == generation_id, documents.c.doc_id.in_(batch)
+                        documents.c.generation_id == generation_id,
+                        documents.c.doc_id.in_(batch),
                     )
                 )
         return retired
 
-    def purge_chunks(self, generation_id: int, vector_ids: Sequence[int], state: str) -> None:
+    def purge_chunks(
+        self, generation_id: int, vector_ids: Sequence[int], state: str
+    ) -> None:
         """Step 5 (and recovery): drop chunk rows in ``state`` by vector id."""
         with self._tx() as conn:
             for batch in _batched([int(v) for v in vector_ids]):
@@ -596,13 +663,17 @@ class Catalog:
     # -- reads -------------------------------------------------------------
 
     def all_vector_ids(self, generation_id: int, state: str | None = "live") -> IdArray:
-        query = sa.select(chunks.c.vector_id).where(chunks.c.generation_id == generation_id)
+        query = sa.select(chunks.c.vector_id).where(
+            chunks.c.generation_id == generation_id
+        )
         if state is not None:
             query = query.where(chunks.c.state == state)
         with self._tx() as conn:
             return np.fromiter(conn.execute(query).scalars(), dtype=np.int64)
 
-    def live_chunks(self, generation_id: int, vector_ids: Sequence[int]) -> dict[int, ChunkRecord]:
+    def live_chunks(
+        self, generation_id: int, vector_ids: Sequence[int]
+    ) -> dict[int, ChunkRecord]:
         """Live chunks by vector id, joined with their documents."""
         found: dict[int, ChunkRecord] = {}
         join = chunks.join(
@@ -616,10 +687,18 @@ class Catalog:
             for batch in _batched([int(v) for v in vector_ids]):
                 query = (
                     sa.select(
-                        chunks.c.chunk_id, chunks.c.vector_id, chunks.c.doc_id, chunks.c.seq,
-                        chunks.c.text, chunks.c.heading_path, documents.c.uri,
-                        documents.c.title, documents.c.source, documents.c.access_labels,
-                        documents.c.modified_at, documents.c.indexed_at,
+                        chunks.c.chunk_id,
+                        chunks.c.vector_id,
+                        chunks.c.doc_id,
+                        chunks.c.seq,
+                        chunks.c.text,
+                        chunks.c.heading_path,
+                        documents.c.uri,
+                        documents.c.title,
+                        documents.c.source,
+                        documents.c.access_labels,
+                        documents.c.modified_at,
+                        documents.c.indexed_at,
                     )
                     .select_from(join)
                     .where(
@@ -638,24 +717,31 @@ class Catalog:
         with self._tx() as conn:
             duplicates = conn.execute(
                 sa.select(chunks.c.doc_id, chunks.c.seq, sa.func.count())
-                .where(chunks.c.generation_id == generation_id, chunks.c.state == "live")
+                .where(
+                    chunks.c.generation_id == generation_id, chunks.c.state == "live"
+                )
                 .group_by(chunks.c.doc_id, chunks.c.seq)
                 .having(sa.func.count() > 1)
                 .limit(20)
             ).all()
             problems += [
-                f"document {d} has {n} live chunks at position {s}" for d, s, n in duplicates
+                f"document {d} has {n} live chunks at position {s}"
+                for d, s, n in duplicates
             ]
             live_counts = (
                 sa.select(chunks.c.doc_id, sa.func.count().label("n"))
-                .where(chunks.c.generation_id == generation_id, chunks.c.state == "live")
+                .where(
+                    chunks.c.generation_id == generation_id, chunks.c.state == "live"
+                )
                 .group_by(chunks.c.doc_id)
                 .subquery()
             )
             mismatched = conn.execute(
                 sa.select(documents.c.doc_id, documents.c.chunk_count, live_counts.c.n)
                 .select_from(
-                    documents.outerjoin(live_counts, live_counts.c.doc_id == documents.c.doc_id)
+                    documents.outerjoin(
+                        live_counts, live_counts.c.doc_id == documents.c.doc_id
+                    )
                 )
                 .where(
                     documents.c.generation_id == generation_id,
@@ -668,26 +754,33 @@ class Catalog:
                 f"document {d} should have {want} live chunks but has {have or 0}"
                 for d, want, have in mismatched
             ]
-            orphans = conn.execute(
-                sa.select(chunks.c.doc_id)
-                .select_from(
-                    chunks.outerjoin(
-                        documents,
-                        sa.and_(
-                            documents.c.generation_id == chunks.c.generation_id,
-                            documents.c.doc_id == chunks.c.doc_id,
-                        ),
+            orphans = (
+                conn.execute(
+                    sa.select(chunks.c.doc_id)
+                    .select_from(
+                        chunks.outerjoin(
+                            documents,
+                            sa.and_(
+                                documents.c.generation_id == chunks.c.generation_id,
+                                documents.c.doc_id == chunks.c.doc_id,
+                            ),
+                        )
                     )
+                    .where(
+                        chunks.c.generation_id == generation_id,
+                        chunks.c.state == "live",
+                        documents.c.doc_id.is_(None),
+                    )
+                    .distinct()
+                    .limit(20)
                 )
-                .where(
-                    chunks.c.generation_id == generation_id,
-                    chunks.c.state == "live",
-                    documents.c.doc_id.is_(None),
-                )
-                .distinct()
-                .limit(20)
-            ).scalars().all()
-            problems += [f"live chunks of document {d}, which is not in the catalog" for d in orphans]
+                .scalars()
+                .all()
+            )
+            problems += [
+                f"live chunks of document {d}, which is not in the catalog"
+                for d in orphans
+            ]
         pending, deleting = self.interrupted_writes(generation_id)
         if pending or deleting:
             problems.append(
@@ -701,7 +794,8 @@ class Catalog:
         with self._tx() as conn:
             docs = conn.execute(
                 sa.select(sa.func.count()).where(
-                    documents.c.generation_id == generation_id, documents.c.status == "indexed"
+                    documents.c.generation_id == generation_id,
+                    documents.c.status == "indexed",
                 )
             ).scalar_one()
             live = conn.execute(
@@ -722,7 +816,9 @@ class Catalog:
             ).rowcount
             if not updated:
                 conn.execute(
-                    sources.insert().values(name=name, collection=collection, type=type_name)
+                    sources.insert().values(
+                        name=name, collection=collection, type=type_name
+                    )
                 )
 
     def start_run(self, source: str, generation_id: int, *, full: bool) -> int:
@@ -735,14 +831,22 @@ class Catalog:
             )
             result = conn.execute(
                 sync_runs.insert().values(
-                    source=source, generation_id=generation_id, full=full,
-                    started_at=utcnow(), status="running",
+                    source=source,
+                    generation_id=generation_id,
+                    full=full,
+                    started_at=utcnow(),
+                    status="running",
                 )
             )
             return int(result.inserted_primary_key[0])  # type: ignore[index]
 
     def finish_run(
-        self, run_id: int, *, status: str, counts: Mapping[str, int], error: str | None = None
+        self,
+        run_id: int,
+        *,
+        status: str,
+        counts: Mapping[str, int],
+        error: str | None = None,
     ) -> None:
         now = utcnow()
         with self._tx() as conn:
@@ -757,7 +861,9 @@ class Catalog:
             values: dict[str, Any] = {"last_run_id": run_id}
             if status == "ok":
                 values["last_success_at"] = now
-            conn.execute(sources.update().where(sources.c.name == source).values(**values))
+            conn.execute(
+                sources.update().where(sources.c.name == source).values(**values)
+            )
 
     def source_status(self, generation_ids: Mapping[str, int]) -> list[SourceStatus]:
         """Freshness of every registered source; counts come from the live generations."""
@@ -775,14 +881,20 @@ class Catalog:
                 docs, failed = _document_counts(conn, gen_id, row.name)
                 statuses.append(
                     SourceStatus(
-                        name=row.name, collection=row.collection, type=row.type,
-                        last_success_at=_aware(row.last_success_at), last_run=run,
-                        documents=docs, failed_documents=failed,
+                        name=row.name,
+                        collection=row.collection,
+                        type=row.type,
+                        last_success_at=_aware(row.last_success_at),
+                        last_run=run,
+                        documents=docs,
+                        failed_documents=failed,
                     )
                 )
         return statuses
 
-    def failed_documents(self, generation_id: int, source: str) -> list[tuple[str, str]]:
+    def failed_documents(
+        self, generation_id: int, source: str
+    ) -> list[tuple[str, str]]:
         with self._tx() as conn:
             rows = conn.execute(
                 sa.select(documents.c.doc_id, documents.c.error)
@@ -797,13 +909,16 @@ class Catalog:
 
     # -- the embedding cache -----------------------------------------------
 
-    def get_embeddings(self, model_id: str, hashes: Sequence[str]) -> dict[str, VectorArray]:
+    def get_embeddings(
+        self, model_id: str, hashes: Sequence[str]
+    ) -> dict[str, VectorArray]:
         found: dict[str, VectorArray] = {}
         with self._tx() as conn:
             for batch in _batched(list(hashes)):
                 rows = conn.execute(
                     sa.select(embeddings.c.text_hash, embeddings.c.vector).where(
-                        embeddings.c.model == model_id, embeddings.c.text_hash.in_(batch)
+                        embeddings.c.model == model_id,
+                        embeddings.c.text_hash.in_(batch),
                     )
                 )
                 for text_hash, blob in rows:
@@ -819,7 +934,8 @@ class Catalog:
                 existing.update(
                     conn.execute(
                         sa.select(embeddings.c.text_hash).where(
-                            embeddings.c.model == model_id, embeddings.c.text_hash.in_(batch)
+                            embeddings.c.model == model_id,
+                            embeddings.c.text_hash.in_(batch),
                         )
                     ).scalars()
                 )
@@ -865,7 +981,9 @@ def _masked(url: str) -> str:
 
 
 def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    return (
+        str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    )
 
 
 def _batched(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
@@ -873,13 +991,16 @@ def _batched(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
         yield items[start : start + _BATCH]
 
 
-def _existing_chunk_ids(conn: Connection, generation_id: int, ids: Sequence[str]) -> set[str]:
+def _existing_chunk_ids(
+    conn: Connection, generation_id: int, ids: Sequence[str]
+) -> set[str]:
     existing: set[str] = set()
     for batch in _batched(ids):
         existing.update(
             conn.execute(
                 sa.select(chunks.c.chunk_id).where(
-                    chunks.c.generation_id == generation_id, chunks.c.chunk_id.in_(batch)
+                    chunks.c.generation_id == generation_id,
+                    chunks.c.chunk_id.in_(batch),
                 )
             ).scalars()
         )
@@ -914,7 +1035,11 @@ def _swap_document_chunks(
         )
     ).all()
     keep = set(current)
-    retired = [int(r.vector_id) for r in rows if r.chunk_id not in keep and r.state != "deleting"]
+    retired = [
+        int(r.vector_id)
+        for r in rows
+        if r.chunk_id not in keep and r.state != "deleting"
+    ]
     if retired:
         conn.execute(
             chunks.update()
@@ -960,16 +1085,23 @@ def _upsert_document(
     }
     updated = conn.execute(
         documents.update()
-        .where(documents.c.generation_id == generation_id, documents.c.doc_id == record.doc_id)
+        .where(
+            documents.c.generation_id == generation_id,
+            documents.c.doc_id == record.doc_id,
+        )
         .values(**values)
     ).rowcount
     if not updated:
         conn.execute(
-            documents.insert().values(generation_id=generation_id, doc_id=record.doc_id, **values)
+            documents.insert().values(
+                generation_id=generation_id, doc_id=record.doc_id, **values
+            )
         )
 
 
-def _document_counts(conn: Connection, generation_id: int | None, source: str) -> tuple[int, int]:
+def _document_counts(
+    conn: Connection, generation_id: int | None, source: str
+) -> tuple[int, int]:
     if generation_id is None:
         return 0, 0
     rows = conn.execute(
@@ -1014,10 +1146,19 @@ def _chunk_record(row: Any) -> ChunkRecord:
 
 def _sync_run(row: Any) -> SyncRun:
     return SyncRun(
-        id=int(row.id), source=row.source, generation_id=int(row.generation_id),
-        full=bool(row.full), started_at=_aware(row.started_at),  # type: ignore[arg-type]
-        finished_at=_aware(row.finished_at), status=row.status, seen=row.seen,
-        added=row.added, changed=row.changed, unchanged=row.unchanged,
-        deleted=row.deleted, failed=row.failed, chunks_written=row.chunks_written,
+        id=int(row.id),
+        source=row.source,
+        generation_id=int(row.generation_id),
+        full=bool(row.full),
+        started_at=_aware(row.started_at),  # type: ignore[arg-type]
+        finished_at=_aware(row.finished_at),
+        status=row.status,
+        seen=row.seen,
+        added=row.added,
+        changed=row.changed,
+        unchanged=row.unchanged,
+        deleted=row.deleted,
+        failed=row.failed,
+        chunks_written=row.chunks_written,
         error=row.error,
     )

@@ -45,10 +45,12 @@ class CollectionConfig(StrictModel):
     faiss: FaissConfig = FaissConfig()
     qdrant: QdrantConfig = QdrantConfig()
     embedder: EmbedderConfig | None = Field(
-        default=None, description="Overrides the top-level embedder for this collection."
+        default=None,
+        description="Overrides the top-level embedder for this collection.",
     )
     chunking: ChunkingConfig | None = Field(
-        default=None, description="Overrides the top-level chunking for this collection."
+        default=None,
+        description="Overrides the top-level chunking for this collection.",
     )
 
 

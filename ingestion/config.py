@@ -10,8 +10,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
-    "NAME_PATTERN",
     "DEFAULT_EMBEDDING_MODEL",
+    "NAME_PATTERN",
     "ChunkingConfig",
     "EmbedderConfig",
     "SourceConfig",

@@ -75,10 +75,14 @@ class Embedder(Protocol):
 class EmbeddingCache(Protocol):
     """Stores vectors by (model id, text hash)."""
 
-    def get_embeddings(self, model_id: str, hashes: Sequence[str]) -> dict[str, VectorArray]:
+    def get_embeddings(
+        self, model_id: str, hashes: Sequence[str]
+    ) -> dict[str, VectorArray]:
         """The stored vectors among ``hashes``; missing ones are left out."""
 
-    def put_embeddings(self, model_id: str, vectors: Mapping[str, VectorArray]) -> None: ...
+    def put_embeddings(
+        self, model_id: str, vectors: Mapping[str, VectorArray]
+    ) -> None: ...
 
 
 def resolve_model_path(model: str) -> Path:
@@ -142,7 +146,9 @@ class SentenceTransformerEmbedder:
                 show_progress_bar=False,
             )
         except (RuntimeError, ValueError) as err:
-            raise EmbeddingError(f"The embedding model failed to encode: {err}") from err
+            raise EmbeddingError(
+                f"The embedding model failed to encode: {err}"
+            ) from err
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -165,7 +171,11 @@ class SentenceTransformerEmbedder:
             raise EmbeddingError(
                 f"Could not load the embedding model from {self._path}: {err}"
             ) from err
-        logger.info("embedding model loaded: model=%s device=%s", self.model_id, self._config.device)
+        logger.info(
+            "embedding model loaded: model=%s device=%s",
+            self.model_id,
+            self._config.device,
+        )
         return model
 
 
@@ -192,7 +202,9 @@ class CachedEmbedder:
     def embed(self, texts: Sequence[str]) -> VectorArray:
         hashes = [text_hash(t) for t in texts]
         found = self._cache.get_embeddings(self.model_id, sorted(set(hashes)))
-        missing = sorted({h: t for h, t in zip(hashes, texts, strict=True) if h not in found}.items())
+        missing = sorted(
+            {h: t for h, t in zip(hashes, texts, strict=True) if h not in found}.items()
+        )
         if missing:
             fresh = self._inner.embed([t for _, t in missing])
             new = {h: fresh[i] for i, (h, _) in enumerate(missing)}

@@ -84,7 +84,11 @@ class SourceDocument:
     def content_hash(self) -> str:
         """A hash of everything that changes what the index should hold."""
         digest = hashlib.sha256()
-        raw = self.content.encode("utf-8") if isinstance(self.content, str) else self.content
+        raw = (
+            self.content.encode("utf-8")
+            if isinstance(self.content, str)
+            else self.content
+        )
         digest.update(raw)
         envelope = {
             "media_type": self.media_type,

@@ -43,7 +43,9 @@ class HashEmbedder:
         out = np.zeros((len(texts), self._dim), dtype=np.float32)
         for row, text in enumerate(texts):
             for word in _WORD.findall(text.lower()):
-                bucket = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest())
+                bucket = int.from_bytes(
+                    hashlib.blake2b(word.encode(), digest_size=4).digest()
+                )
                 out[row, bucket % self._dim] += 1.0
             out[row, 0] += 1e-3  # no all-zero rows
         out /= np.linalg.norm(out, axis=1, keepdims=True)

@@ -21,24 +21,43 @@ def catalog(catalog_url: str) -> Iterator[Catalog]:
 
 def _chunks(doc_id: str, content_hash: str, n: int) -> list[Chunk]:
     return [
-        Chunk(make_chunk_id(doc_id, content_hash, i), doc_id, i, f"text {i}", i * 10, i * 10 + 6)
+        Chunk(
+            make_chunk_id(doc_id, content_hash, i),
+            doc_id,
+            i,
+            f"text {i}",
+            i * 10,
+            i * 10 + 6,
+        )
         for i in range(n)
     ]
 
 
 def _record(doc_id: str, content_hash: str, chunk_count: int) -> DocumentRecord:
     return DocumentRecord(
-        doc_id=doc_id, source="s", key=doc_id.split(":", 1)[1], uri=f"file:///{doc_id}",
-        title="T", content_hash=content_hash, version="v1", modified_at=None,
-        access_labels=("staff",), metadata={"lang": "en"}, chunk_count=chunk_count,
+        doc_id=doc_id,
+        source="s",
+        key=doc_id.split(":", 1)[1],
+        uri=f"file:///{doc_id}",
+        title="T",
+        content_hash=content_hash,
+        version="v1",
+        modified_at=None,
+        access_labels=("staff",),
+        metadata={"lang": "en"},
+        chunk_count=chunk_count,
     )
 
 
-def _write(catalog: Catalog, gen_id: int, doc_id: str, content_hash: str, n: int) -> list[int]:
+def _write(
+    catalog: Catalog, gen_id: int, doc_id: str, content_hash: str, n: int
+) -> list[int]:
     chunks = _chunks(doc_id, content_hash, n)
     catalog.stage_chunks(gen_id, chunks)
     retired = catalog.commit_documents(
-        gen_id, [_record(doc_id, content_hash, n)], {doc_id: [c.chunk_id for c in chunks]}
+        gen_id,
+        [_record(doc_id, content_hash, n)],
+        {doc_id: [c.chunk_id for c in chunks]},
     )
     catalog.purge_chunks(gen_id, retired, "deleting")
     return retired
@@ -57,7 +76,9 @@ def test_first_promotion_makes_the_generation_live(catalog: Catalog) -> None:
     assert catalog.aliases() == {"docs": generation.id}
 
 
-def test_promote_retires_the_old_generation_and_rollback_restores_it(catalog: Catalog) -> None:
+def test_promote_retires_the_old_generation_and_rollback_restores_it(
+    catalog: Catalog,
+) -> None:
     first = catalog.create_generation("docs", "fp1", {}, "faiss", state="ready")
     catalog.promote("docs", first.id)
     second = catalog.create_generation("docs", "fp2", {}, "faiss", state="ready")
@@ -85,7 +106,9 @@ def test_rollback_without_a_previous_generation_is_refused(catalog: Catalog) -> 
         catalog.rollback("docs")
 
 
-def test_promoting_a_generation_of_another_collection_is_refused(catalog: Catalog) -> None:
+def test_promoting_a_generation_of_another_collection_is_refused(
+    catalog: Catalog,
+) -> None:
     generation = catalog.create_generation("other", "fp1", {}, "faiss", state="ready")
     with pytest.raises(NotFound):
         catalog.promote("docs", generation.id)
@@ -101,7 +124,9 @@ def test_staged_chunks_stay_hidden_until_committed(catalog: Catalog) -> None:
     pending, deleting = catalog.interrupted_writes(gen.id)
     assert (sorted(pending), deleting) == (sorted(ids), [])
 
-    catalog.commit_documents(gen.id, [_record("s:a", "h1", 3)], {"s:a": [c.chunk_id for c in chunks]})
+    catalog.commit_documents(
+        gen.id, [_record("s:a", "h1", 3)], {"s:a": [c.chunk_id for c in chunks]}
+    )
     live = catalog.live_chunks(gen.id, ids)
     assert sorted(live) == sorted(ids)
     assert live[ids[0]].access_labels == ("staff",)
@@ -116,13 +141,17 @@ def test_a_changed_document_retires_its_old_chunks(catalog: Catalog) -> None:
 
     new = _chunks("s:a", "h2", 2)
     catalog.stage_chunks(gen.id, new)
-    retired = catalog.commit_documents(gen.id, [_record("s:a", "h2", 2)], {"s:a": [c.chunk_id for c in new]})
+    retired = catalog.commit_documents(
+        gen.id, [_record("s:a", "h2", 2)], {"s:a": [c.chunk_id for c in new]}
+    )
 
     assert sorted(retired) == sorted(old_ids.tolist())
     pending, deleting = catalog.interrupted_writes(gen.id)
     assert (pending, sorted(deleting)) == ([], sorted(retired))
     catalog.purge_chunks(gen.id, retired, "deleting")
-    assert sorted(catalog.all_vector_ids(gen.id).tolist()) == sorted(vector_id(c.chunk_id) for c in new)
+    assert sorted(catalog.all_vector_ids(gen.id).tolist()) == sorted(
+        vector_id(c.chunk_id) for c in new
+    )
     assert catalog.document_states(gen.id, "s")["s:a"].content_hash == "h2"
     assert catalog.integrity_problems(gen.id) == []
 
@@ -145,22 +174,43 @@ def test_a_failure_keeps_the_last_good_version(catalog: Catalog) -> None:
     gen = catalog.create_generation("docs", "fp", {}, "faiss")
     _write(catalog, gen.id, "s:a", "h1", 2)
 
-    catalog.record_failure(gen.id, doc_id="s:a", source="s", key="a", uri="u", error="broken", error_hash="h9")
-    catalog.record_failure(gen.id, doc_id="s:new", source="s", key="new", uri="u2", error="binary", error_hash="h3")
+    catalog.record_failure(
+        gen.id,
+        doc_id="s:a",
+        source="s",
+        key="a",
+        uri="u",
+        error="broken",
+        error_hash="h9",
+    )
+    catalog.record_failure(
+        gen.id,
+        doc_id="s:new",
+        source="s",
+        key="new",
+        uri="u2",
+        error="binary",
+        error_hash="h3",
+    )
 
     states = catalog.document_states(gen.id, "s")
     assert states["s:a"].status == "indexed" and states["s:a"].content_hash == "h1"
     assert states["s:a"].error_hash == "h9"
     assert states["s:new"].status == "failed"
     assert len(catalog.all_vector_ids(gen.id)) == 2
-    assert catalog.failed_documents(gen.id, "s") == [("s:a", "broken"), ("s:new", "binary")]
+    assert catalog.failed_documents(gen.id, "s") == [
+        ("s:a", "broken"),
+        ("s:new", "binary"),
+    ]
 
 
 def test_integrity_problems_name_a_chunk_count_mismatch(catalog: Catalog) -> None:
     gen = catalog.create_generation("docs", "fp", {}, "faiss")
     chunks = _chunks("s:a", "h1", 3)
     catalog.stage_chunks(gen.id, chunks)
-    catalog.commit_documents(gen.id, [_record("s:a", "h1", 5)], {"s:a": [c.chunk_id for c in chunks]})
+    catalog.commit_documents(
+        gen.id, [_record("s:a", "h1", 5)], {"s:a": [c.chunk_id for c in chunks]}
+    )
 
     problems = catalog.integrity_problems(gen.id)
 
@@ -194,7 +244,9 @@ def test_source_status_reports_the_last_successful_sync(catalog: Catalog) -> Non
     assert status.last_run.error == "gone"
 
 
-def test_a_run_left_running_by_a_dead_process_is_marked_interrupted(catalog: Catalog) -> None:
+def test_a_run_left_running_by_a_dead_process_is_marked_interrupted(
+    catalog: Catalog,
+) -> None:
     gen = catalog.create_generation("docs", "fp", {}, "faiss")
     catalog.register_source("s", "docs", "files")
     first = catalog.start_run("s", gen.id, full=False)
@@ -203,11 +255,17 @@ def test_a_run_left_running_by_a_dead_process_is_marked_interrupted(catalog: Cat
     with catalog.engine.connect() as conn:
         from index.catalog import sync_runs
 
-        status = conn.execute(sync_runs.select().where(sync_runs.c.id == first)).first().status
+        status = (
+            conn.execute(sync_runs.select().where(sync_runs.c.id == first))
+            .first()
+            .status
+        )
     assert status == "interrupted"
 
 
 def test_an_unreachable_database_gives_a_clear_error() -> None:
     with pytest.raises(CatalogError, match=r"catalog\.url") as info:
-        Catalog("postgresql+psycopg://ragline:secret@127.0.0.1:1/none?connect_timeout=2")
+        Catalog(
+            "postgresql+psycopg://ragline:secret@127.0.0.1:1/none?connect_timeout=2"
+        )
     assert "secret" not in str(info.value), "the password must be masked"

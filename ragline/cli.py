@@ -1,0 +1,465 @@
+"""The ``ragline`` command line.
+
+Every command reads the settings file named by ``--config`` (or the
+``RAGLINE_CONFIG`` environment variable, or ``./ragline.yaml``). Exit codes:
+0 success, 1 a command that ran and found a problem (a failed source, a
+verification mismatch), 2 bad settings or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from index.sync import SyncReport
+from ingestion.embedding import set_offline_environment
+from ingestion.errors import ConfigError, RaglineError
+
+from .logs import configure_logging
+from .runtime import Runtime
+from .settings import CONFIG_ENV, Settings, load_settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="ragline",
+    help="Ingest sources into a fresh vector index and search it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+index_app = typer.Typer(
+    help="Build, promote, roll back, list and verify index generations."
+)
+sources_app = typer.Typer(help="Inspect sources and their freshness.")
+app.add_typer(index_app, name="index")
+app.add_typer(sources_app, name="sources")
+
+out = Console()
+err = Console(stderr=True)
+
+
+class _State:
+    config: Path = Path("ragline.yaml")
+    log_level: str | None = None
+
+
+_state = _State()
+
+
+@app.callback()
+def _global_options(
+    config: Annotated[
+        Path,
+        typer.Option("--config", "-c", envvar=CONFIG_ENV, help="The settings file."),
+    ] = Path("ragline.yaml"),
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="DEBUG, INFO, WARNING or ERROR; overrides the settings."),
+    ] = None,
+) -> None:
+    _state.config = config
+    _state.log_level = log_level
+
+
+@contextmanager
+def _runtime() -> Iterator[Runtime]:
+    settings = load_settings(_state.config)
+    _configure_logging(settings)
+    runtime = Runtime(settings)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+def _configure_logging(settings: Settings) -> None:
+    secrets = [settings.catalog.url.get_secret_value()] if settings.catalog.url else []
+    for collection in settings.collections:
+        if collection.qdrant.api_key is not None:
+            secrets.append(collection.qdrant.api_key.get_secret_value())
+    configure_logging(
+        _state.log_level or settings.logging.level,
+        json_format=settings.logging.json_format,
+        secrets=secrets,
+    )
+
+
+# -- ingest ---------------------------------------------------------------------
+
+
+@app.command()
+def ingest(
+    source: Annotated[
+        list[str] | None,
+        typer.Option("--source", "-s", help="Only this source (repeatable)."),
+    ] = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full", help="Re-read and rewrite every document of the sources."
+        ),
+    ] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 when any document failed.")
+    ] = False,
+) -> None:
+    """Sync sources into the index; only what changed is written."""
+    with _runtime() as runtime, _progress() as progress:
+        reports = runtime.ingest(source, full=full, on_progress=progress)
+    _print_reports(reports)
+    failed_sources = [r for r in reports if r.status != "ok"]
+    if failed_sources or (strict and any(r.failed for r in reports)):
+        raise typer.Exit(1)
+
+
+@contextmanager
+def _progress() -> Iterator[Any]:
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, disable=not err.is_terminal) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(report: SyncReport) -> None:
+            if report.source not in tasks:
+                tasks[report.source] = progress.add_task(report.source)
+            progress.update(
+                tasks[report.source],
+                description=f"{report.source}: {report.seen} documents, "
+                f"{report.chunks_written} chunks written, {report.failed} failed",
+            )
+
+        yield update
+
+
+def _print_reports(reports: list[SyncReport]) -> None:
+    table = Table(title="ingest")
+    for column in (
+        "source",
+        "generation",
+        "status",
+        "seen",
+        "added",
+        "changed",
+        "unchanged",
+        "deleted",
+        "failed",
+        "chunks",
+        "seconds",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("source", "status") else "right"
+        )
+    for r in reports:
+        table.add_row(
+            r.source,
+            str(r.generation_id),
+            r.status,
+            str(r.seen),
+            str(r.added),
+            str(r.changed),
+            str(r.unchanged),
+            str(r.deleted),
+            str(r.failed),
+            str(r.chunks_written),
+            f"{r.seconds:.1f}",
+        )
+    out.print(table)
+    for r in reports:
+        if r.error:
+            err.print(f"[red]source {r.source} failed:[/red] {r.error}")
+        for doc_id, message in r.failures[:20]:
+            err.print(f"[yellow]skipped[/yellow] {doc_id}: {message}")
+        if len(r.failures) > 20:
+            err.print(
+                f"... and {len(r.failures) - 20} more; `ragline sources status` lists them"
+            )
+
+
+# -- search ---------------------------------------------------------------------
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    collection: Annotated[
+        str, typer.Option("--collection", "-C", help="Collection to search.")
+    ],
+    k: Annotated[
+        int, typer.Option("-k", min=1, max=1000, help="How many passages.")
+    ] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Find the passages most similar to QUERY."""
+    if not query.strip():
+        raise ConfigError("The query is empty; say what to look for.")
+    with _runtime() as runtime:
+        hits = runtime.search(collection, query, k)
+    if as_json:
+        results = [
+            {
+                "uri": h.uri,
+                "doc_id": h.doc_id,
+                "chunk_id": h.chunk_id,
+                "score": h.score,
+                "text": h.text,
+            }
+            for h in hits
+        ]
+        sys.stdout.write(
+            json.dumps(
+                {"query": query, "collection": collection, "results": results}, indent=2
+            )
+            + "\n"
+        )
+        return
+    if not hits:
+        out.print("No passages found.")
+    for rank, hit in enumerate(hits, 1):
+        heading = " > ".join(hit.heading_path)
+        out.print(
+            f"[bold]{rank}.[/bold] {hit.score:.3f}  {hit.uri}"
+            + (f"  ({heading})" if heading else "")
+        )
+        out.print(_snippet(hit.text), highlight=False)
+        out.print()
+
+
+def _snippet(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+# -- index ------------------------------------------------------------------------
+
+
+@index_app.command("build")
+def index_build(
+    collection: Annotated[
+        str, typer.Option("--collection", "-C", help="Collection to build.")
+    ],
+) -> None:
+    """Build a new generation beside the live one, from all the collection's sources."""
+    with _runtime() as runtime, _progress() as progress:
+        generation, reports = runtime.build(collection, on_progress=progress)
+    _print_reports(reports)
+    if generation.state != "ready":
+        err.print(
+            f"Generation {generation.id} is incomplete; run the build again to finish it."
+        )
+        raise typer.Exit(1)
+    out.print(
+        f"Generation {generation.id} of {collection} is ready. Make it live with "
+        f"`ragline index promote --collection {collection}`."
+    )
+
+
+@index_app.command("promote")
+def index_promote(
+    collection: Annotated[str, typer.Option("--collection", "-C")],
+    generation: Annotated[
+        int | None,
+        typer.Option("--generation", "-g", help="Default: the newest ready one."),
+    ] = None,
+) -> None:
+    """Make a built generation live, in one step."""
+    with _runtime() as runtime:
+        runtime.settings.collection(collection)
+        target = generation or _newest_ready(runtime, collection)
+        previous = runtime.catalog.promote(collection, target)
+    was = f" (was {previous.id}, kept for rollback)" if previous else ""
+    out.print(f"Collection {collection} now serves generation {target}{was}.")
+
+
+def _newest_ready(runtime: Runtime, collection: str) -> int:
+    ready = [g for g in runtime.catalog.generations(collection) if g.state == "ready"]
+    if not ready:
+        raise typer.BadParameter(
+            f"collection {collection!r} has no ready generation; build one with "
+            f"`ragline index build --collection {collection}`"
+        )
+    return ready[-1].id
+
+
+@index_app.command("rollback")
+def index_rollback(
+    collection: Annotated[str, typer.Option("--collection", "-C")],
+) -> None:
+    """Serve the previously live generation again."""
+    with _runtime() as runtime:
+        runtime.settings.collection(collection)
+        old, now = runtime.catalog.rollback(collection)
+    out.print(f"Collection {collection} now serves generation {now.id} (was {old.id}).")
+
+
+@index_app.command("list")
+def index_list(
+    collection: Annotated[str | None, typer.Option("--collection", "-C")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List generations with their state and size."""
+    with _runtime() as runtime:
+        rows = []
+        for g in runtime.catalog.generations(collection):
+            docs, chunks = runtime.catalog.counts(g.id)
+            rows.append(
+                {
+                    "id": g.id,
+                    "collection": g.collection,
+                    "state": g.state,
+                    "backend": g.backend,
+                    "fingerprint": g.fingerprint,
+                    "documents": docs,
+                    "chunks": chunks,
+                    "created_at": _iso(g.created_at),
+                    "promoted_at": _iso(g.promoted_at),
+                    "embedding_model": g.pipeline.get("embedding_model"),
+                }
+            )
+    if as_json:
+        sys.stdout.write(json.dumps({"generations": rows}, indent=2) + "\n")
+        return
+    table = Table(title="generations")
+    for column in (
+        "id",
+        "collection",
+        "state",
+        "backend",
+        "fingerprint",
+        "documents",
+        "chunks",
+        "created_at",
+        "promoted_at",
+    ):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *(
+                str(row[c] or "")
+                for c in (
+                    "id",
+                    "collection",
+                    "state",
+                    "backend",
+                    "fingerprint",
+                    "documents",
+                    "chunks",
+                    "created_at",
+                    "promoted_at",
+                )
+            )
+        )
+    out.print(table)
+
+
+@index_app.command("verify")
+def index_verify(
+    collection: Annotated[str | None, typer.Option("--collection", "-C")] = None,
+) -> None:
+    """Check that catalog and index agree; exit 1 on any mismatch."""
+    with _runtime() as runtime:
+        results = runtime.verify(collection)
+    bad = False
+    for name, problems in results.items():
+        if problems:
+            bad = True
+            err.print(f"[red]{name}: {len(problems)} problem(s)[/red]")
+            for problem in problems:
+                err.print(f"  - {problem}")
+        else:
+            out.print(f"{name}: ok")
+    if not results:
+        out.print("No live generation to verify yet; run `ragline ingest` first.")
+    if bad:
+        raise typer.Exit(1)
+
+
+# -- sources ----------------------------------------------------------------------
+
+
+@sources_app.command("status")
+def sources_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Freshness per source: last successful sync and what the last run found."""
+    with _runtime() as runtime:
+        live = runtime.catalog.aliases()
+        rows = [_status_row(s) for s in runtime.catalog.source_status(live)]
+        declared = {s.name for s in runtime.settings.sources}
+    rows = [r for r in rows if r["source"] in declared] + [
+        {"source": name, "never_synced": True}
+        for name in sorted(declared - {r["source"] for r in rows})
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps({"sources": rows}, indent=2) + "\n")
+        return
+    table = Table(title="sources")
+    columns = (
+        "source",
+        "collection",
+        "last_success_at",
+        "staleness_s",
+        "last_status",
+        "documents",
+        "seen",
+        "changed",
+        "deleted",
+        "failed",
+    )
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *(str(row.get(c, "")) if row.get(c) is not None else "" for c in columns)
+        )
+    out.print(table)
+
+
+def _status_row(status: Any) -> dict[str, Any]:
+    run = status.last_run
+    staleness = None
+    if status.last_success_at is not None:
+        staleness = round(
+            (datetime.now(UTC) - status.last_success_at).total_seconds(), 1
+        )
+    return {
+        "source": status.name,
+        "collection": status.collection,
+        "type": status.type,
+        "last_success_at": _iso(status.last_success_at),
+        "staleness_s": staleness,
+        "documents": status.documents,
+        "failed_documents": status.failed_documents,
+        "last_status": run.status if run else None,
+        "last_run_started_at": _iso(run.started_at) if run else None,
+        "seen": run.seen if run else None,
+        "added": run.added if run else None,
+        "changed": (run.changed + run.added) if run else None,
+        "deleted": run.deleted if run else None,
+        "failed": run.failed if run else None,
+        "last_error": run.error if run else None,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+def main() -> None:
+    """Entry point of the ``ragline`` console script."""
+    set_offline_environment()
+    try:
+        app()
+    except ConfigError as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False)
+        sys.exit(2)
+    except RaglineError as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False)
+        sys.exit(1)
