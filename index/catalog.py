@@ -142,6 +142,7 @@ sources = sa.Table(
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("collection", sa.String(64), nullable=False),
     sa.Column("type", sa.String(256), nullable=False),
+    sa.Column("config_hash", sa.String(64)),
     sa.Column("last_success_at", sa.DateTime(timezone=True)),
     sa.Column("last_run_id", sa.Integer),
 )
@@ -807,19 +808,26 @@ class Catalog:
 
     # -- sources and sync runs -------------------------------------------
 
-    def register_source(self, name: str, collection: str, type_name: str) -> None:
+    def register_source(
+        self, name: str, collection: str, type_name: str, config_hash: str
+    ) -> bool:
+        """Record a source and its settings; True when its settings changed since last time."""
         with self._tx() as conn:
-            updated = conn.execute(
-                sources.update()
-                .where(sources.c.name == name)
-                .values(collection=collection, type=type_name)
-            ).rowcount
-            if not updated:
-                conn.execute(
-                    sources.insert().values(
-                        name=name, collection=collection, type=type_name
-                    )
-                )
+            previous = conn.execute(
+                sa.select(sources.c.config_hash).where(sources.c.name == name)
+            ).first()
+            values = {
+                "collection": collection,
+                "type": type_name,
+                "config_hash": config_hash,
+            }
+            if previous is None:
+                conn.execute(sources.insert().values(name=name, **values))
+                return False
+            conn.execute(
+                sources.update().where(sources.c.name == name).values(**values)
+            )
+            return previous.config_hash != config_hash
 
     def start_run(self, source: str, generation_id: int, *, full: bool) -> int:
         with self._tx() as conn:

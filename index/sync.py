@@ -13,6 +13,7 @@ and writes, so the embedding model is kept busy.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -161,6 +162,7 @@ class _Producer(threading.Thread):
         report: SyncReport,
         *,
         full: bool,
+        trust_versions: bool = True,
         maxsize: int = 64,
     ) -> None:
         super().__init__(name=f"ragline-list-{source.config.name}", daemon=True)
@@ -169,6 +171,7 @@ class _Producer(threading.Thread):
         self.states = states
         self.report = report
         self.full = full
+        self.trust_versions = trust_versions and not full
         self.seen: set[str] = set()
         self.items: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
@@ -179,7 +182,7 @@ class _Producer(threading.Thread):
 
     def run(self) -> None:
         try:
-            known = {} if self.full else _known_versions(self.states)
+            known = _known_versions(self.states) if self.trust_versions else {}
             for item in self.source.documents(known):
                 if self._stop_requested.is_set():
                     return
@@ -260,14 +263,21 @@ def sync_source(
     report = SyncReport(name, generation.collection, generation.id, full=full)
     started = time.perf_counter()
     recover(catalog, index, generation)
-    catalog.register_source(name, generation.collection, source.config.type)
+    config_hash = hashlib.sha256(source.config.model_dump_json().encode()).hexdigest()
+    settings_changed = catalog.register_source(
+        name, generation.collection, source.config.type, config_hash
+    )
     run_id = catalog.start_run(name, generation.id, full=full)
     states = catalog.document_states(generation.id, name)
     indexed_before = {doc_id for doc_id, s in states.items() if s.status == "indexed"}
     writer = _Writer(
         pipeline, catalog, index, generation, report, batch_chunks, indexed_before
     )
-    producer = _Producer(source, pipeline, states, report, full=full)
+    # Validators (mtime, ETag, updated_at) say nothing about new source
+    # settings, such as another text column: read everything once.
+    producer = _Producer(
+        source, pipeline, states, report, full=full, trust_versions=not settings_changed
+    )
     producer.start()
     try:
         for item in _drain(producer):

@@ -48,6 +48,8 @@ def set_offline_environment() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("RAGAS_DO_NOT_TRACK", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def text_hash(text: str) -> str:
@@ -113,7 +115,9 @@ class SentenceTransformerEmbedder:
         self._config = config
         self._path = resolve_model_path(config.model)
         self._model: Any = None
+        self._counter: Any = None
         self._lock = threading.Lock()
+        self._counter_lock = threading.Lock()
 
     @property
     def model_id(self) -> str:
@@ -154,15 +158,38 @@ class SentenceTransformerEmbedder:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
-        encoded = self.model.tokenizer(
-            list(texts), add_special_tokens=False, return_attention_mask=False
-        )
-        return [len(ids) for ids in encoded["input_ids"]]
+        with self._counter_lock:
+            if self._counter is None:
+                self._counter = self._load_counter()
+            encoded = self._counter.encode_batch(list(texts), add_special_tokens=False)
+        return [len(e.ids) for e in encoded]
+
+    def _load_counter(self) -> Any:
+        """A tokenizer of its own for counting.
+
+        The model's tokenizer switches padding and truncation on and off at
+        every call, so counting with it in one thread while another encodes
+        corrupts both; this copy never pads or truncates.
+        """
+        from tokenizers import Tokenizer
+
+        if (self._path / "tokenizer.json").exists():
+            counter = Tokenizer.from_file(str(self._path / "tokenizer.json"))
+        else:
+            counter = Tokenizer.from_str(
+                self.model.tokenizer.backend_tokenizer.to_str()
+            )
+        counter.no_padding()
+        counter.no_truncation()
+        return counter
 
     def _load(self) -> Any:
         set_offline_environment()
         try:
+            import transformers
             from sentence_transformers import SentenceTransformer
+
+            transformers.logging.disable_progress_bar()
 
             model = SentenceTransformer(
                 str(self._path), device=self._config.device, local_files_only=True

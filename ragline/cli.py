@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -45,8 +46,9 @@ sources_app = typer.Typer(help="Inspect sources and their freshness.")
 app.add_typer(index_app, name="index")
 app.add_typer(sources_app, name="sources")
 
-out = Console()
-err = Console(stderr=True)
+# Wide enough that tables are not cut when the output is a file or a pipe.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 class _State:
@@ -176,9 +178,11 @@ def _print_reports(reports: list[SyncReport]) -> None:
     out.print(table)
     for r in reports:
         if r.error:
-            err.print(f"[red]source {r.source} failed:[/red] {r.error}")
+            err.print(
+                f"source {r.source} failed: {r.error}", markup=False, highlight=False
+            )
         for doc_id, message in r.failures[:20]:
-            err.print(f"[yellow]skipped[/yellow] {doc_id}: {message}")
+            err.print(f"skipped {doc_id}: {message}", markup=False, highlight=False)
         if len(r.failures) > 20:
             err.print(
                 f"... and {len(r.failures) - 20} more; `ragline sources status` lists them"
@@ -227,10 +231,10 @@ def search(
     for rank, hit in enumerate(hits, 1):
         heading = " > ".join(hit.heading_path)
         out.print(
-            f"[bold]{rank}.[/bold] {hit.score:.3f}  {hit.uri}"
-            + (f"  ({heading})" if heading else "")
+            f"[bold]{rank}.[/bold] {hit.score:.3f}  {escape(hit.uri)}"
+            + (f"  ({escape(heading)})" if heading else "")
         )
-        out.print(_snippet(hit.text), highlight=False)
+        out.print(_snippet(hit.text), highlight=False, markup=False)
         out.print()
 
 
@@ -374,7 +378,7 @@ def index_verify(
             bad = True
             err.print(f"[red]{name}: {len(problems)} problem(s)[/red]")
             for problem in problems:
-                err.print(f"  - {problem}")
+                err.print(f"  - {problem}", markup=False, highlight=False)
         else:
             out.print(f"{name}: ok")
     if not results:
@@ -458,8 +462,8 @@ def main() -> None:
     try:
         app()
     except ConfigError as error:
-        err.print(f"[red]error:[/red] {error}", highlight=False)
+        err.print(f"error: {error}", highlight=False, markup=False)
         sys.exit(2)
     except RaglineError as error:
-        err.print(f"[red]error:[/red] {error}", highlight=False)
+        err.print(f"error: {error}", highlight=False, markup=False)
         sys.exit(1)

@@ -103,20 +103,24 @@ class Project:
         )
         return json.loads(result.stdout)["results"]
 
-    def live_chunk_texts(self) -> dict[str, str]:
-        """chunk_id → text of every live chunk of the live generation."""
+    def live_chunk_texts(self) -> list[tuple[str, int, str]]:
+        """(document, position, text) of every live chunk of the live generation, sorted.
+
+        Duplicates would show as repeated entries; nothing here depends on
+        where the project folder is, so two projects can be compared.
+        """
         engine = sa.create_engine(f"sqlite:///{self.root / 'data' / 'catalog.db'}")
         try:
             with engine.connect() as conn:
                 rows = conn.execute(
                     sa.text(
-                        "SELECT c.chunk_id, c.text FROM chunks c JOIN aliases a "
+                        "SELECT c.doc_id, c.seq, c.text FROM chunks c JOIN aliases a "
                         "ON a.generation_id = c.generation_id WHERE c.state = 'live'"
                     )
                 ).all()
         finally:
             engine.dispose()
-        return {chunk_id: text for chunk_id, text in rows}
+        return sorted((doc_id, seq, text) for doc_id, seq, text in rows)
 
 
 @pytest.fixture

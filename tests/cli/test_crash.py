@@ -26,7 +26,7 @@ WRITE_STEPS = [
     "after_stage",
     "after_stage:2",
     "after_index_write",
-    "after_index_write:3",
+    "after_index_write:2",
     "after_commit",
     "after_commit:2",
     "after_index_delete",
@@ -59,7 +59,9 @@ def _change_corpus(handbook: Path, variant: int) -> None:
         (handbook / "new-team.md").unlink(missing_ok=True)
 
 
-def _reference(tmp_path: Path, project: Project, name: str) -> dict[str, str]:
+def _reference(
+    tmp_path: Path, project: Project, name: str
+) -> list[tuple[str, int, str]]:
     """The live chunks of a clean ingest of the project's current files."""
     clean = Project(tmp_path / name)
     shutil.copytree(project.handbook, clean.handbook)
@@ -68,7 +70,9 @@ def _reference(tmp_path: Path, project: Project, name: str) -> dict[str, str]:
     return clean.live_chunk_texts()
 
 
-def _assert_complete(project: Project, expected: dict[str, str], context: str) -> None:
+def _assert_complete(
+    project: Project, expected: list[tuple[str, int, str]], context: str
+) -> None:
     project.run("ingest")
     verify = project.run("index", "verify", check=False)
     assert verify.returncode == 0, (
@@ -80,6 +84,7 @@ def _assert_complete(project: Project, expected: dict[str, str], context: str) -
     assert not missing and not extra, (
         f"{context}: {len(missing)} chunks missing and {len(extra)} unexpected after recovery"
     )
+    assert len(live) == len(set(live)), f"{context}: duplicate chunks after recovery"
 
 
 def test_a_kill_at_every_write_step_is_recovered_by_the_next_run(

@@ -229,7 +229,7 @@ def test_embeddings_are_cached_per_model(catalog: Catalog) -> None:
 def test_source_status_reports_the_last_successful_sync(catalog: Catalog) -> None:
     gen = catalog.create_generation("docs", "fp", {}, "faiss", state="ready")
     catalog.promote("docs", gen.id)
-    catalog.register_source("s", "docs", "files")
+    catalog.register_source("s", "docs", "files", "cfg")
     _write(catalog, gen.id, "s:a", "h1", 1)
     run = catalog.start_run("s", gen.id, full=False)
     catalog.finish_run(run, status="ok", counts={"seen": 1, "added": 1})
@@ -248,7 +248,7 @@ def test_a_run_left_running_by_a_dead_process_is_marked_interrupted(
     catalog: Catalog,
 ) -> None:
     gen = catalog.create_generation("docs", "fp", {}, "faiss")
-    catalog.register_source("s", "docs", "files")
+    catalog.register_source("s", "docs", "files", "cfg")
     first = catalog.start_run("s", gen.id, full=False)
     catalog.start_run("s", gen.id, full=False)
 

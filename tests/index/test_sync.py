@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from index.sync import SyncReport, recover, sync_source
 from index.vectors import open_vector_index
 from index.vectors.base import VectorIndex
 from ingestion.config import ChunkingConfig
-from ingestion.connectors.files import FilesSource, FilesSourceConfig
+from ingestion.connectors.files import FilesSource, FilesConfig
 from ingestion.embedding import CachedEmbedder
 from ingestion.errors import FingerprintMismatch
 from ingestion.models import vector_id
@@ -45,10 +46,14 @@ class World:
     embedder: HashEmbedder
     pipeline: Pipeline
 
-    def sync(self, *, full: bool = False) -> SyncReport:
+    def sync(self, *, full: bool = False, **settings: Any) -> SyncReport:
         source = FilesSource(
-            FilesSourceConfig(
-                name="notes", type="files", collection="docs", path=self.root
+            FilesConfig(
+                name="notes",
+                type="files",
+                collection="docs",
+                path=self.root,
+                **settings,
             )
         )
         return sync_source(
@@ -300,3 +305,24 @@ def _source_doc(world: World, name: str):  # type: ignore[no-untyped-def]
         content=path.read_bytes(),
         media_type="text/markdown",
     )
+
+
+def test_new_source_settings_make_the_next_sync_read_everything_again(
+    world: World,
+) -> None:
+    records = '{"id": 1, "body": "first body", "summary": "first summary"}\n'
+    _write_docs(world.root, {"records.jsonl": records})
+    world.sync(records={"text_field": "body"})
+
+    report = world.sync(records={"text_field": "summary"})
+
+    assert report.changed == 1, "the record's text comes from another field now"
+    assert report.unchanged == 4, "the other files are read again but did not change"
+    texts = {
+        r.text
+        for r in world.catalog.live_chunks(
+            world.generation.id,
+            world.catalog.all_vector_ids(world.generation.id).tolist(),
+        ).values()
+    }
+    assert any("first summary" in t for t in texts), texts
