@@ -35,7 +35,7 @@ test-fast: install
 bench: install
 	bash bench/prepare
 	$(BIN)/python bench/bench_ingest.py
-	$(BIN)/python bench/bench_vectors.py
+	$(BIN)/python bench/bench_vectors.py --real-vectors bench/.cache/manual-vectors.npy
 
 check: install
 	$(BIN)/ruff format --check .

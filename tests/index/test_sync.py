@@ -21,7 +21,7 @@ from index.sync import SyncReport, recover, sync_source
 from index.vectors import open_vector_index
 from index.vectors.base import VectorIndex
 from ingestion.config import ChunkingConfig
-from ingestion.connectors.files import FilesSource, FilesConfig
+from ingestion.connectors.files import FilesConfig, FilesSource
 from ingestion.embedding import CachedEmbedder
 from ingestion.errors import FingerprintMismatch
 from ingestion.models import vector_id
