@@ -16,15 +16,19 @@ A crash between any two steps leaves ``pending`` or ``deleting`` rows, which
 :meth:`Catalog.interrupted_writes` reports and the next sync cleans up; the
 document's hash is only updated in step 3, so the next sync redoes a document
 whose write did not complete.
+
+The lexical (full-text) index of the chunks lives in the same database and
+changes in the same transactions as the chunk rows; :mod:`index.lexical`
+describes it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,11 +41,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from ingestion.errors import CatalogError, GenerationError, NotFound
 from ingestion.models import Chunk
 
+from .lexical import LexicalIndex, lexical_index_for, query_terms
+
 __all__ = [
     "Catalog",
     "ChunkRecord",
     "DocumentRecord",
     "DocumentState",
+    "DocumentView",
     "Generation",
     "SourceStatus",
     "SyncRun",
@@ -240,6 +247,19 @@ class ChunkRecord:
     access_labels: tuple[str, ...]
     modified_at: datetime | None
     indexed_at: datetime | None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentView:
+    """What access control and filters read of a document."""
+
+    doc_id: str
+    uri: str
+    source: str
+    access_labels: tuple[str, ...]
+    modified_at: datetime | None
+    metadata: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +302,11 @@ class Catalog:
         try:
             self._engine = _create_engine(url, echo=echo)
             metadata.create_all(self._engine)
+            self._lexical: LexicalIndex = lexical_index_for(
+                self._engine.dialect.name, chunks
+            )
+            with self._engine.begin() as conn:
+                self._lexical.prepare(conn)
         except SQLAlchemyError as err:
             raise CatalogError(
                 f"Could not open the catalog database {_masked(url)}: {err.__class__.__name__}: "
@@ -577,6 +602,7 @@ class Catalog:
         if not new_chunks:
             return
         with self._tx() as conn:
+            self._lexical.ensure(conn, generation_id)
             existing = _existing_chunk_ids(
                 conn, generation_id, [c.chunk_id for c in new_chunks]
             )
@@ -587,6 +613,9 @@ class Catalog:
             ]
             if rows:
                 conn.execute(chunks.insert(), rows)
+                self._lexical.add(
+                    conn, generation_id, [(r["vector_id"], r["text"]) for r in rows]
+                )
 
     def commit_documents(
         self,
@@ -641,13 +670,14 @@ class Catalog:
         """Step 5 (and recovery): drop chunk rows in ``state`` by vector id."""
         with self._tx() as conn:
             for batch in _batched([int(v) for v in vector_ids]):
-                conn.execute(
-                    chunks.delete().where(
-                        chunks.c.generation_id == generation_id,
-                        chunks.c.state == state,
-                        chunks.c.vector_id.in_(batch),
-                    )
+                where = sa.and_(
+                    chunks.c.generation_id == generation_id,
+                    chunks.c.state == state,
+                    chunks.c.vector_id.in_(batch),
                 )
+                doomed = sa.select(chunks.c.vector_id).where(where)
+                self._lexical.remove(conn, generation_id, doomed)
+                conn.execute(chunks.delete().where(where))
 
     def interrupted_writes(self, generation_id: int) -> tuple[list[int], list[int]]:
         """Vector ids of chunks left ``pending`` and ``deleting`` by an interrupted run."""
@@ -700,6 +730,7 @@ class Catalog:
                         documents.c.access_labels,
                         documents.c.modified_at,
                         documents.c.indexed_at,
+                        documents.c.metadata,
                     )
                     .select_from(join)
                     .where(
@@ -712,8 +743,98 @@ class Catalog:
                     found[int(row.vector_id)] = _chunk_record(row)
         return found
 
+    def visible_vector_ids(
+        self, generation_id: int, visible: Callable[[DocumentView], bool]
+    ) -> IdArray:
+        """Vector ids of the live chunks of every document ``visible`` accepts.
+
+        ``visible`` judges documents, not chunks (access labels and filters
+        belong to the document), so it runs once per document; the ids come
+        back sorted, ready to restrict a vector search.
+        """
+        doc_query = sa.select(
+            documents.c.doc_id,
+            documents.c.uri,
+            documents.c.source,
+            documents.c.access_labels,
+            documents.c.modified_at,
+            documents.c.metadata,
+        ).where(documents.c.generation_id == generation_id)
+        with self._tx() as conn:
+            allowed = [
+                row.doc_id
+                for row in conn.execute(doc_query)
+                if visible(_document_view(row))
+            ]
+            ids: list[int] = []
+            for batch in _batched(allowed):
+                ids.extend(
+                    int(v)
+                    for v in conn.execute(
+                        sa.select(chunks.c.vector_id).where(
+                            chunks.c.generation_id == generation_id,
+                            chunks.c.state == "live",
+                            chunks.c.doc_id.in_(batch),
+                        )
+                    ).scalars()
+                )
+        return np.asarray(sorted(ids), dtype=np.int64)
+
+    def document_versions(
+        self, generation_id: int, doc_ids: Sequence[str]
+    ) -> dict[str, str | None]:
+        """The content hash of each document in a generation; None when it is gone."""
+        found: dict[str, str | None] = dict.fromkeys(doc_ids)
+        with self._tx() as conn:
+            for batch in _batched(list(dict.fromkeys(doc_ids))):
+                rows = conn.execute(
+                    sa.select(documents.c.doc_id, documents.c.content_hash).where(
+                        documents.c.generation_id == generation_id,
+                        documents.c.doc_id.in_(batch),
+                    )
+                )
+                for row in rows:
+                    found[row.doc_id] = row.content_hash
+        return found
+
+    def lexical_search(
+        self, generation_id: int, query: str, k: int
+    ) -> list[tuple[int, float]]:
+        """The ``k`` live chunks of a generation that best match ``query`` in words.
+
+        Returns (vector id, score), best first; a higher score is a better
+        match, comparable only within one result list. ``query`` is free text:
+        a chunk matches when it holds any of the query's words (stemmed, so
+        ``caching`` finds ``cached``); common English words are ignored, and a
+        query with no other words, or ``k`` below 1, returns [].
+        """
+        terms = query_terms(query)
+        if not terms or k < 1:
+            return []
+        with self._tx() as conn:
+            self._lexical.ensure(conn, generation_id)
+            return self._lexical.search(conn, generation_id, terms, k)
+
+    def rebuild_lexical(self, generation_id: int) -> int:
+        """Rebuild a generation's lexical index from its chunk rows, in one transaction.
+
+        Returns the number of chunks indexed. Needed only when
+        :meth:`integrity_problems` reports that the two disagree; the next
+        :meth:`start_run` does it too. On PostgreSQL the index is a generated
+        column that cannot disagree, and there is nothing to rebuild.
+        """
+        with self._tx() as conn:
+            indexed = self._lexical.rebuild(conn, generation_id)
+        logger.info(
+            "rebuilt the lexical index: generation=%s chunks=%d", generation_id, indexed
+        )
+        return indexed
+
     def integrity_problems(self, generation_id: int) -> list[str]:
-        """Problems visible in the catalog alone (the index is compared by the caller)."""
+        """Problems visible in the catalog alone, its lexical index included.
+
+        The vector index is compared with the catalog by the caller.
+        """
         problems: list[str] = []
         with self._tx() as conn:
             duplicates = conn.execute(
@@ -782,6 +903,12 @@ class Catalog:
                 f"live chunks of document {d}, which is not in the catalog"
                 for d in orphans
             ]
+            lexical = self._lexical.mismatch(conn, generation_id)
+            if lexical is not None:
+                problems.append(
+                    f"the lexical index holds {lexical[0]} chunks but the catalog has "
+                    f"{lexical[1]}; the next `ragline ingest` rebuilds it"
+                )
         pending, deleting = self.interrupted_writes(generation_id)
         if pending or deleting:
             problems.append(
@@ -830,7 +957,22 @@ class Catalog:
             return previous.config_hash != config_hash
 
     def start_run(self, source: str, generation_id: int, *, full: bool) -> int:
+        """Record the start of a sync run; returns its id.
+
+        Also brings the generation's lexical index in line with its chunk
+        rows, building it when missing and rebuilding it when the two
+        disagree, so every ingest repairs what ``ragline index verify`` found.
+        """
         with self._tx() as conn:
+            self._lexical.ensure(conn, generation_id)
+            mismatch = self._lexical.mismatch(conn, generation_id)
+            if mismatch is not None:
+                self._lexical.rebuild(conn, generation_id)
+                logger.warning(
+                    "rebuilt the lexical index: generation=%s indexed=%d chunks=%d",
+                    generation_id,
+                    *mismatch,
+                )
             # A run still marked running belongs to a process that died.
             conn.execute(
                 sync_runs.update()
@@ -1149,6 +1291,18 @@ def _chunk_record(row: Any) -> ChunkRecord:
         access_labels=tuple(json.loads(row.access_labels)),
         modified_at=_aware(row.modified_at),
         indexed_at=_aware(row.indexed_at),
+        metadata=json.loads(row.metadata),
+    )
+
+
+def _document_view(row: Any) -> DocumentView:
+    return DocumentView(
+        doc_id=row.doc_id,
+        uri=row.uri,
+        source=row.source,
+        access_labels=tuple(json.loads(row.access_labels)),
+        modified_at=_aware(row.modified_at),
+        metadata=json.loads(row.metadata),
     )
 
 

@@ -41,7 +41,13 @@ Durability (``flush`` is the only commit point; ``close`` does not flush):
   when the rows it lacks pass 10% of the index; opening adds the rows it
   lacks, and rebuilds it from the vectors if it is missing or unreadable.
 * One process owns an index at a time: opening takes an exclusive ``flock``
-  on ``.lock``, so a second open, in this process or another, fails.
+  on ``.lock``, so a second writable open, in this process or another, fails.
+* Any number of readers may open the folder ``read_only`` beside the writer:
+  they take no lock, load the last committed version and never write. A
+  reader loading a version the writer has just replaced may find a file gone
+  (the writer removes files no manifest names); it then starts again from the
+  new manifest. :meth:`FaissVectorIndex.committed_version` tells a reader when
+  a newer version is on disk, so it can open that one beside the old.
 
 Costs, measured by ``bench/bench_vectors.py`` (384 dimensions, 2 cores):
 
@@ -99,6 +105,8 @@ BoolArray = npt.NDArray[np.bool_]
 _FORMAT = 1
 _MANIFEST = "manifest.json"
 _LOCK = ".lock"
+# How often a reader starts again when a writer replaces files under it.
+_READ_ONLY_ATTEMPTS = 5
 _DATA_PREFIXES = ("seg-", "dead-", "graph-")
 
 # Compact once this fraction of rows is dead (replaced or deleted).
@@ -431,7 +439,12 @@ class FaissVectorIndex:
     """
 
     def __init__(
-        self, folder: Path, *, dim: int, config: FaissConfig | None = None
+        self,
+        folder: Path,
+        *,
+        dim: int,
+        config: FaissConfig | None = None,
+        read_only: bool = False,
     ) -> None:
         if dim < 1:
             raise IndexBackendError(
@@ -452,6 +465,11 @@ class FaissVectorIndex:
         # Never reused, even by a flush that failed: its files may be on disk.
         self._next_version = 1
         self._dirty = self._dead_dirty = False
+        self._read_only = read_only
+        if read_only:
+            self._folder_lock = None
+            self._open_read_only()
+            return
         folder.mkdir(parents=True, exist_ok=True)
         self._folder_lock = _FolderLock(folder)
         self._folder_lock.acquire()
@@ -470,6 +488,21 @@ class FaissVectorIndex:
     @property
     def folder(self) -> Path:
         return self._folder.path
+
+    @property
+    def version(self) -> int:
+        """The committed version this instance holds (0 for a new, empty index)."""
+        return self._committed.version
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @staticmethod
+    def committed_version(folder: Path) -> int:
+        """The version last committed to ``folder`` on disk, read without opening it."""
+        manifest = _Folder(folder).read_manifest()
+        return 0 if manifest is None else manifest.version
 
     @property
     def mode(self) -> Mode:
@@ -493,7 +526,7 @@ class FaissVectorIndex:
         if ids.size == 0:
             return
         with self._lock:
-            self._check_open()
+            self._check_writable()
             self._append(ids, vectors)
             self._switch_to_hnsw_if_large()
 
@@ -501,7 +534,7 @@ class FaissVectorIndex:
         """Remove vectors by id; absent ids are ignored."""
         wanted = as_ids(ids)
         with self._lock:
-            self._check_open()
+            self._check_writable()
             if self._rows.kill(wanted):
                 self._dirty = self._dead_dirty = True
                 self._live_bitmap = None
@@ -533,7 +566,7 @@ class FaissVectorIndex:
     def flush(self) -> None:
         """Commit every write so far to disk, atomically; a no-op if nothing changed."""
         with self._lock:
-            self._check_open()
+            self._check_writable()
             if not self._dirty:
                 return
             started = time.perf_counter()
@@ -580,18 +613,21 @@ class FaissVectorIndex:
             self._mode = "exact"
             self._rows = _RowTable()
             self._live_bitmap = None
-            self._folder_lock.release()
+            if self._folder_lock is not None:
+                self._folder_lock.release()
 
     def drop(self) -> None:
         """Close the index and delete its folder for good."""
         with self._lock:
+            self._check_writable()
             self.close()
             if self.folder.exists():
-                self._folder_lock.acquire()
+                lock = _FolderLock(self.folder)
+                lock.acquire()
                 try:
                     shutil.rmtree(self.folder)
                 finally:
-                    self._folder_lock.release()
+                    lock.release()
             logger.info(
                 "Dropped the FAISS index at %(folder)s", {"folder": self.folder}
             )
@@ -602,12 +638,30 @@ class FaissVectorIndex:
 
     # -- opening --------------------------------------------------------------
 
+    def _open_read_only(self) -> None:
+        for attempt in range(_READ_ONLY_ATTEMPTS):
+            manifest = self._folder.read_manifest()
+            if manifest is None:
+                manifest = _Manifest(version=0, dim=self._dim, mode="exact")
+            try:
+                self._load(manifest)
+                return
+            except IndexBackendError as err:
+                # A writer replaced the version while we read it: start again.
+                gone = isinstance(err.__cause__, FileNotFoundError)
+                if not gone or attempt == _READ_ONLY_ATTEMPTS - 1:
+                    raise
+
     def _open(self) -> None:
         manifest = self._folder.read_manifest()
         if manifest is None:
             manifest = _Manifest(version=0, dim=self._dim, mode="exact")
             self._folder.remove_unreferenced(manifest)
             self._folder.commit(manifest)
+        self._load(manifest)
+        self._folder.remove_unreferenced(manifest)
+
+    def _load(self, manifest: _Manifest) -> None:
         if manifest.dim != self._dim:
             raise IndexBackendError(
                 f"The FAISS index at {self.folder} holds vectors of dimension "
@@ -620,7 +674,6 @@ class FaissVectorIndex:
         self._mode = manifest.mode
         self._index, row_ids = self._load_vectors(manifest)
         self._rows = self._load_rows(manifest, row_ids)
-        self._folder.remove_unreferenced(manifest)
         self._switch_to_hnsw_if_large()
         logger.debug(
             "Opened %(folder)s at version %(version)d: %(count)d vectors, "
@@ -637,6 +690,10 @@ class FaissVectorIndex:
         """The FAISS structure of ``manifest`` and the id of every row."""
         graph = None
         if manifest.mode == "hnsw" and manifest.graph is not None:
+            if self._read_only and not (self.folder / manifest.graph.file).exists():
+                # Replaced by a writer: the caller starts again from the new manifest.
+                gone = FileNotFoundError(manifest.graph.file)
+                raise self._folder.damaged(manifest.graph.file, gone) from gone
             graph = self._folder.read_graph(manifest.graph, self._dim)
         if graph is not None and graph.ntotal > manifest.rows:
             raise self._folder.damaged("the graph", ValueError("it has too many rows"))
@@ -900,6 +957,14 @@ class FaissVectorIndex:
         if self._closed:
             raise IndexBackendError(
                 f"The FAISS index at {self.folder} is closed; open it again to use it."
+            )
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._read_only:
+            raise IndexBackendError(
+                f"The FAISS index at {self.folder} is open read-only; only the "
+                "process that opened it for writing (an ingest) can change it."
             )
 
 
