@@ -216,6 +216,11 @@ class CachedEmbedder:
         self.reused = 0
 
     @property
+    def inner(self) -> Embedder:
+        """The embedder behind the cache (for queries, which are not worth caching)."""
+        return self._inner
+
+    @property
     def model_id(self) -> str:
         return self._inner.model_id
 

@@ -14,7 +14,11 @@ working for callers who do not know ragline::
     ├── IndexBackendError (RuntimeError)  a vector index backend failed
     ├── GenerationError (RuntimeError)    a generation operation is not allowed now
     │   └── FingerprintMismatch           the pipeline config no longer matches
-    └── NotFound (LookupError)            a named collection, source or generation is unknown
+    ├── NotFound (LookupError)            a named collection, source or generation is unknown
+    ├── RequestError (ValueError)         a request to the service is malformed or too large
+    ├── AccessDenied (PermissionError)    the caller may not use this collection or model
+    │   └── Unauthenticated               no valid credentials came with the request
+    └── ProviderError (RuntimeError)      a model provider failed, timed out or is missing
 
 Messages are sentences that name the thing at fault and say what to do.
 Always chain the cause: ``raise SourceError(...) from err``.
@@ -23,6 +27,7 @@ Always chain the cause: ``raise SourceError(...) from err``.
 from __future__ import annotations
 
 __all__ = [
+    "AccessDenied",
     "CatalogError",
     "ConfigError",
     "DocumentError",
@@ -32,8 +37,11 @@ __all__ = [
     "GenerationError",
     "IndexBackendError",
     "NotFound",
+    "ProviderError",
     "RaglineError",
+    "RequestError",
     "SourceError",
+    "Unauthenticated",
 ]
 
 
@@ -79,3 +87,19 @@ class FingerprintMismatch(GenerationError):
 
 class NotFound(RaglineError, LookupError):
     """A named collection, source, document or generation does not exist."""
+
+
+class RequestError(RaglineError, ValueError):
+    """A request to the service is malformed, out of range or too large."""
+
+
+class AccessDenied(RaglineError, PermissionError):
+    """The caller's identity does not allow what it asked for."""
+
+
+class ProviderError(RaglineError, RuntimeError):
+    """A model provider could not be loaded, failed, or timed out."""
+
+
+class Unauthenticated(AccessDenied):
+    """A request came without credentials, or with credentials nobody issued."""

@@ -1,0 +1,264 @@
+"""Search one generation of a collection: dense, lexical or hybrid, with filters.
+
+A search runs in named steps:
+
+1. *Candidates.* Dense search asks the vector index for the nearest chunks;
+   lexical search asks the catalog's full-text index. Each contributes up to
+   ``candidates`` chunk ids.
+2. *Visibility.* The catalog's current record of every candidate is read, and
+   candidates the caller may not see, or that the filters exclude, are
+   dropped. When that leaves too few and more exist, the dense search is
+   redone restricted to the allowed ids, and the lexical search deeper.
+3. *Ranking.* Hybrid mode fuses the two lists by reciprocal rank; a
+   cross-encoder may rescore the head of the list; MMR may trade relevance
+   for diversity. The first ``k`` are returned.
+
+Only ``live`` chunks are ever returned: the catalog hides chunks of a write
+in progress, so a search during an ingest sees the last committed state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from index.catalog import Catalog, ChunkRecord, Generation
+from index.vectors.base import VectorArray, VectorIndex
+from ingestion.embedding import Embedder
+from ingestion.errors import RequestError
+
+from .config import RetrievalConfig, SearchMode
+from .filters import AccessScope, Filterable, SearchFilters
+from .fusion import maximal_marginal_relevance, reciprocal_rank_fusion
+from .rerank import Reranker
+
+__all__ = ["Retriever", "SearchHit"]
+
+_NO_FILTERS = SearchFilters()
+# How much deeper lexical search looks when filters hid too many candidates.
+_LEXICAL_DEEPENING = 8
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """A passage found for a query, with what a caller shows or cites.
+
+    ``score`` ranks the hits of one search (cosine similarity in dense mode,
+    the full-text rank in lexical mode, the fused or reranked score
+    otherwise); ``dense_score`` is the cosine similarity when the dense search
+    found the passage, comparable across queries.
+    """
+
+    uri: str
+    doc_id: str
+    chunk_id: str
+    score: float
+    text: str
+    title: str | None
+    heading_path: tuple[str, ...]
+    source: str
+    modified_at: datetime | None
+    indexed_at: datetime | None
+    dense_score: float | None = None
+    lexical_score: float | None = None
+
+
+@dataclass
+class _Candidates:
+    dense: list[tuple[int, float]]
+    lexical: list[tuple[int, float]]
+    records: dict[int, ChunkRecord]
+
+
+class Retriever:
+    """Dense, lexical and hybrid search over one generation of a collection."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        index: VectorIndex,
+        generation: Generation,
+        embedder: Embedder,
+        config: RetrievalConfig | None = None,
+        reranker: Reranker | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self._index = index
+        self._generation = generation
+        self._embedder = embedder
+        self._config = config or RetrievalConfig()
+        self._reranker = reranker
+
+    @property
+    def generation(self) -> Generation:
+        return self._generation
+
+    def embed_query(self, query: str) -> VectorArray:
+        """The query's embedding as one row; pass it back to :meth:`search`."""
+        return self._embedder.embed([query])
+
+    def search(
+        self,
+        query: str,
+        k: int = 5,
+        *,
+        mode: SearchMode | None = None,
+        filters: SearchFilters | None = None,
+        scope: AccessScope | None = None,
+        query_vector: VectorArray | None = None,
+    ) -> list[SearchHit]:
+        """The ``k`` best passages for ``query`` that ``scope`` may see, best first."""
+        mode = mode or self._config.mode
+        filters = filters or _NO_FILTERS
+        scope = scope or AccessScope.everything()
+        self._check(query, k)
+
+        if mode != "lexical" and query_vector is None:
+            query_vector = self.embed_query(query)
+        candidates = self._candidates(
+            query, query_vector, mode, max(self._config.candidates, k)
+        )
+        self._narrow(candidates, query, query_vector, k, filters, scope)
+
+        ranked = self._rank(candidates, mode)
+        ranked = self._rerank(query, ranked, candidates.records)
+        ranked = self._diversify(query_vector, ranked, candidates.records, k)
+        return self._hits(ranked[:k], candidates)
+
+    # -- steps -------------------------------------------------------------
+
+    def _check(self, query: str, k: int) -> None:
+        if not query.strip():
+            raise RequestError("The query is empty; send the text to search for.")
+        if not 1 <= k <= self._config.max_top_k:
+            raise RequestError(
+                f"top_k must be between 1 and {self._config.max_top_k}, not {k}."
+            )
+
+    def _candidates(
+        self, query: str, vector: VectorArray | None, mode: SearchMode, depth: int
+    ) -> _Candidates:
+        dense: list[tuple[int, float]] = []
+        lexical: list[tuple[int, float]] = []
+        if mode != "lexical" and vector is not None:
+            dense = [(h.id, h.score) for h in self._index.search(vector, depth)[0]]
+        if mode != "dense":
+            lexical = self._catalog.lexical_search(self._generation.id, query, depth)
+        ids = {vid for vid, _ in dense} | {vid for vid, _ in lexical}
+        records = self._catalog.live_chunks(self._generation.id, sorted(ids))
+        return _Candidates(dense, lexical, records)
+
+    def _narrow(
+        self,
+        found: _Candidates,
+        query: str,
+        vector: VectorArray | None,
+        k: int,
+        filters: SearchFilters,
+        scope: AccessScope,
+    ) -> None:
+        """Drop what the caller may not see; look further when too little is left."""
+        restricted = not scope.sees_everything or not filters.is_empty
+
+        def visible(record: Filterable) -> bool:
+            return scope.allows(record.access_labels) and filters.matches(record)
+
+        found.records = {v: r for v, r in found.records.items() if visible(r)}
+        if not restricted:
+            return
+        checked = {v for v, _ in found.dense + found.lexical}
+        depth = max(self._config.candidates, k)
+        dense_short = sum(v in found.records for v, _ in found.dense) < k
+        if vector is not None and len(found.dense) >= depth and dense_short:
+            allowed = self._catalog.visible_vector_ids(self._generation.id, visible)
+            hits = self._index.search(vector, depth, allowed_ids=allowed)[0]
+            found.dense = [(h.id, h.score) for h in hits]
+        if (
+            len(found.lexical) >= depth
+            and sum(v in found.records for v, _ in found.lexical) < k
+        ):
+            found.lexical = self._catalog.lexical_search(
+                self._generation.id, query, depth * _LEXICAL_DEEPENING
+            )
+        missing = {v for v, _ in found.dense + found.lexical} - checked
+        more = self._catalog.live_chunks(self._generation.id, sorted(missing))
+        found.records.update({v: r for v, r in more.items() if visible(r)})
+
+    def _rank(self, found: _Candidates, mode: SearchMode) -> list[tuple[int, float]]:
+        dense = [(v, s) for v, s in found.dense if v in found.records]
+        lexical = [(v, s) for v, s in found.lexical if v in found.records]
+        if mode == "dense":
+            return dense
+        if mode == "lexical":
+            return lexical
+        return reciprocal_rank_fusion(
+            {"dense": [v for v, _ in dense], "lexical": [v for v, _ in lexical]},
+            {
+                "dense": self._config.dense_weight,
+                "lexical": self._config.lexical_weight,
+            },
+            self._config.rrf_k,
+        )
+
+    def _rerank(
+        self,
+        query: str,
+        ranked: list[tuple[int, float]],
+        records: Mapping[int, ChunkRecord],
+    ) -> list[tuple[int, float]]:
+        if self._reranker is None or not ranked:
+            return ranked
+        head = ranked[: self._reranker.candidates]
+        scores = self._reranker.score(query, [records[v].text for v, _ in head])
+        rescored = sorted(
+            zip((v for v, _ in head), scores, strict=True), key=lambda pair: -pair[1]
+        )
+        return rescored + ranked[len(head) :]
+
+    def _diversify(
+        self,
+        vector: VectorArray | None,
+        ranked: list[tuple[int, float]],
+        records: Mapping[int, ChunkRecord],
+        k: int,
+    ) -> list[tuple[int, float]]:
+        lambda_ = self._config.mmr_lambda
+        if lambda_ is None or vector is None or len(ranked) <= 1:
+            return ranked
+        pool = ranked[: max(4 * k, 20)]
+        vectors = self._embedder.embed([records[v].text for v, _ in pool])
+        order = maximal_marginal_relevance(vector[0], vectors, k, lambda_)
+        return [pool[i] for i in order]
+
+    def _hits(
+        self, ranked: Sequence[tuple[int, float]], found: _Candidates
+    ) -> list[SearchHit]:
+        dense = dict(found.dense)
+        lexical = dict(found.lexical)
+        return [
+            _hit(found.records[v], score, dense.get(v), lexical.get(v))
+            for v, score in ranked
+        ]
+
+
+def _hit(
+    record: ChunkRecord,
+    score: float,
+    dense_score: float | None,
+    lexical_score: float | None,
+) -> SearchHit:
+    return SearchHit(
+        uri=record.uri,
+        doc_id=record.doc_id,
+        chunk_id=record.chunk_id,
+        score=float(score),
+        text=record.text,
+        title=record.title,
+        heading_path=record.heading_path,
+        source=record.source,
+        modified_at=record.modified_at,
+        indexed_at=record.indexed_at,
+        dense_score=dense_score,
+        lexical_score=lexical_score,
+    )
