@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= examples/ragline.yaml
 QUERY ?= How long is the on-call rotation and who do I escalate to?
+DEMO_PORT ?= 8765
+# Pages of the Python manual the ingest benchmark reads (0: all of it; about
+# 55k chunks, which takes hours to embed on two slow cores).
+BENCH_PAGES ?= 60
 
 .PHONY: install demo test test-fast bench check format clean
 
@@ -15,10 +19,11 @@ $(BIN)/ragline: pyproject.toml
 
 install: $(BIN)/ragline
 
-## Install, ingest the demo handbook and search it: no servers needed.
+## Install, ingest the demo handbook, search it, then ask the service over HTTP.
 demo: install
 	$(BIN)/ragline --config $(CONFIG) ingest
 	$(BIN)/ragline --config $(CONFIG) search "$(QUERY)" --collection docs -k 3
+	bash examples/ask-over-http.sh $(BIN)/ragline $(CONFIG) $(DEMO_PORT) "$(QUERY)"
 
 ## The whole test suite, slow end-to-end tests included (what CI runs).
 test: install
@@ -34,7 +39,7 @@ test-fast: install
 ## Benchmarks on the Python 3.11 HTML manual; prints figures with their baselines.
 bench: install
 	bash bench/prepare
-	$(BIN)/python bench/bench_ingest.py
+	$(BIN)/python bench/bench_ingest.py --limit $(BENCH_PAGES)
 	$(BIN)/python bench/bench_vectors.py --real-vectors bench/.cache/manual-vectors.npy
 
 check: install

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -90,6 +90,8 @@ def _configure_logging(settings: Settings) -> None:
     for collection in settings.collections:
         if collection.qdrant.api_key is not None:
             secrets.append(collection.qdrant.api_key.get_secret_value())
+    if settings.serve.auth is not None:
+        secrets += [k.key.get_secret_value() for k in settings.serve.auth.api_keys]
     configure_logging(
         _state.log_level or settings.logging.level,
         json_format=settings.logging.json_format,
@@ -243,6 +245,92 @@ def _snippet(text: str, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+# -- serve and ask --------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (serve.host).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on (serve.port).")
+    ] = None,
+) -> None:
+    """Start the HTTP service: /ask, /search, /metrics, /freshness, /docs."""
+    import uvicorn
+
+    from .serve import build_app
+
+    settings = load_settings(_state.config)
+    _configure_logging(settings)
+    host = host or settings.serve.host
+    port = port or settings.serve.port
+    runtime = Runtime(settings)
+    application = build_app(runtime)
+    err.print(
+        f"ragline serving on http://{host}:{port} (API docs at /docs)", markup=False
+    )
+    uvicorn.run(application, host=host, port=port, log_config=None, access_log=False)
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    collection: Annotated[
+        str, typer.Option("--collection", "-C", help="Collection to answer from.")
+    ],
+    url: Annotated[
+        str | None,
+        typer.Option(help="The service; default http://serve.host:serve.port."),
+    ] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Passages to retrieve.")] = 5,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="RAGLINE_API_KEY", help="API key, if any.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Ask a running service a question over HTTP; print the answer and citations."""
+    import httpx
+
+    settings = load_settings(_state.config)
+    base = url or f"http://{settings.serve.host}:{settings.serve.port}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"question": question, "collection": collection, "top_k": k}
+    try:
+        response = httpx.post(f"{base}/ask", json=body, headers=headers, timeout=300)
+    except httpx.HTTPError as error:
+        raise RaglineError(
+            f"Could not reach the service at {base}: {error}. Start it with "
+            "`ragline serve`, or pass --url."
+        ) from error
+    payload = response.json()
+    if response.status_code != 200:
+        raise RaglineError(
+            f"The service answered {response.status_code}: {payload.get('error')}"
+        )
+    if as_json:
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    out.print(payload["answer"], markup=False, highlight=False)
+    out.print()
+    for cite in payload["citations"]:
+        out.print(
+            f"[{cite['n']}] {cite['title'] or cite['doc_id']}  {cite['uri']}  "
+            f"(as of {cite['as_of']})",
+            markup=False,
+            highlight=False,
+        )
+    timings = payload["timings"]
+    out.print(
+        f"{payload['model']}: {payload['usage']['completion_tokens']} tokens, "
+        f"retrieve {timings['retrieve_ms']:.0f} ms, generate "
+        f"{timings['generate_ms']:.0f} ms, cached={payload['cached']}",
+        markup=False,
+        highlight=False,
+    )
+
+
 # -- index ------------------------------------------------------------------------
 
 
@@ -394,13 +482,7 @@ def index_verify(
 def sources_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Freshness per source: last successful sync and what the last run found."""
     with _runtime() as runtime:
-        live = runtime.catalog.aliases()
-        rows = [_status_row(s) for s in runtime.catalog.source_status(live)]
-        declared = {s.name for s in runtime.settings.sources}
-    rows = [r for r in rows if r["source"] in declared] + [
-        {"source": name, "never_synced": True}
-        for name in sorted(declared - {r["source"] for r in rows})
-    ]
+        rows = runtime.source_rows()
     if as_json:
         sys.stdout.write(json.dumps({"sources": rows}, indent=2) + "\n")
         return
@@ -424,32 +506,6 @@ def sources_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> 
             *(str(row.get(c, "")) if row.get(c) is not None else "" for c in columns)
         )
     out.print(table)
-
-
-def _status_row(status: Any) -> dict[str, Any]:
-    run = status.last_run
-    staleness = None
-    if status.last_success_at is not None:
-        staleness = round(
-            (datetime.now(UTC) - status.last_success_at).total_seconds(), 1
-        )
-    return {
-        "source": status.name,
-        "collection": status.collection,
-        "type": status.type,
-        "last_success_at": _iso(status.last_success_at),
-        "staleness_s": staleness,
-        "documents": status.documents,
-        "failed_documents": status.failed_documents,
-        "last_status": run.status if run else None,
-        "last_run_started_at": _iso(run.started_at) if run else None,
-        "seen": run.seen if run else None,
-        "added": run.added if run else None,
-        "changed": (run.changed + run.added) if run else None,
-        "deleted": run.deleted if run else None,
-        "failed": run.failed if run else None,
-        "last_error": run.error if run else None,
-    }
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -11,8 +11,10 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
-from index.catalog import Catalog, Generation
+from index.catalog import Catalog, Generation, SourceStatus
 from index.config import CollectionConfig
 from index.generations import (
     generation_for_build,
@@ -187,6 +189,20 @@ class Runtime:
     def search(self, collection_name: str, query: str, k: int) -> list[SearchHit]:
         return self.retriever(collection_name).search(query, k)
 
+    def source_rows(self) -> list[dict[str, Any]]:
+        """Freshness of every declared source, as ``ragline sources status`` shows it.
+
+        Staleness is the time since the last successful sync, in seconds; a
+        declared source that never synced says ``never_synced``.
+        """
+        live = self.catalog.aliases()
+        rows = [_status_row(s) for s in self.catalog.source_status(live)]
+        declared = {s.name for s in self.settings.sources}
+        return [r for r in rows if r["source"] in declared] + [
+            {"source": name, "never_synced": True}
+            for name in sorted(declared - {r["source"] for r in rows})
+        ]
+
     def _sync(
         self,
         name: str,
@@ -209,3 +225,33 @@ class Runtime:
     @staticmethod
     def _pipeline_record(pipeline: Pipeline) -> dict[str, object]:
         return {**pipeline.describe(), "dim": pipeline.embedder.dim}
+
+
+def _status_row(status: SourceStatus) -> dict[str, Any]:
+    run = status.last_run
+    staleness = None
+    if status.last_success_at is not None:
+        staleness = round(
+            (datetime.now(UTC) - status.last_success_at).total_seconds(), 1
+        )
+    return {
+        "source": status.name,
+        "collection": status.collection,
+        "type": status.type,
+        "last_success_at": _iso(status.last_success_at),
+        "staleness_s": staleness,
+        "documents": status.documents,
+        "failed_documents": status.failed_documents,
+        "last_status": run.status if run else None,
+        "last_run_started_at": _iso(run.started_at) if run else None,
+        "seen": run.seen if run else None,
+        "added": run.added if run else None,
+        "changed": (run.changed + run.added) if run else None,
+        "deleted": run.deleted if run else None,
+        "failed": run.failed if run else None,
+        "last_error": run.error if run else None,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None

@@ -20,6 +20,8 @@ from index.config import CatalogConfig, CollectionConfig
 from ingestion.config import ChunkingConfig, EmbedderConfig, SourceConfig, StrictModel
 from ingestion.connectors.base import connector_for
 from ingestion.errors import ConfigError, NotFound
+from retrieval.config import RetrievalConfig
+from serving.config import ServeConfig
 
 __all__ = [
     "CONFIG_ENV",
@@ -54,6 +56,8 @@ class Settings(StrictModel):
     chunking: ChunkingConfig = ChunkingConfig()
     ingest: IngestConfig = IngestConfig()
     logging: LoggingConfig = LoggingConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    serve: ServeConfig = ServeConfig()
     collections: tuple[CollectionConfig, ...] = Field(min_length=1)
     sources: tuple[SourceConfig, ...] = ()
 
@@ -131,7 +135,29 @@ def parse_settings(raw: Any, *, base_dir: Path, origin: str = "settings") -> Set
         if settings.data_dir.is_absolute()
         else base_dir / settings.data_dir
     )
-    return settings.model_copy(update={"data_dir": data_dir})
+    return _resolve_model_paths(
+        settings.model_copy(update={"data_dir": data_dir}), base_dir
+    )
+
+
+def _resolve_model_paths(settings: Settings, base_dir: Path) -> Settings:
+    """Make the model files named in the settings absolute, like ``data_dir``."""
+
+    def resolved(path: Path) -> Path:
+        return path if path.is_absolute() else base_dir / path
+
+    retrieval, serve = settings.retrieval, settings.serve
+    if retrieval.rerank is not None:
+        rerank = retrieval.rerank.model_copy(
+            update={"model_path": resolved(retrieval.rerank.model_path)}
+        )
+        retrieval = retrieval.model_copy(update={"rerank": rerank})
+    if serve.generator.model_path is not None:
+        generator = serve.generator.model_copy(
+            update={"model_path": resolved(serve.generator.model_path)}
+        )
+        serve = serve.model_copy(update={"generator": generator})
+    return settings.model_copy(update={"retrieval": retrieval, "serve": serve})
 
 
 def _read_yaml(file: Path) -> Any:
