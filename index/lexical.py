@@ -58,6 +58,9 @@ MAX_TERMS = 32
 _MAX_TERM_CHARS = 128
 
 _WORD = re.compile(r"\w+")
+# How many ranked matches past k are read, for chunks that turn out not live.
+_LIVE_SLACK = 32
+_IDS_PER_QUERY = 500
 
 _STOPWORD_LIST = """
     a about above after again against all am an and any are as at be because
@@ -230,22 +233,45 @@ class SqliteLexicalIndex:
     ) -> list[tuple[int, float]]:
         """FTS5 ranks by bm25 (lower is better), so the score is its negation.
 
-        ``ORDER BY rank`` is answered by FTS5 itself from the matching
-        entries; the join stops as soon as ``k`` live chunks are found.
+        FTS5 ranks its matches alone first, and only the head of that list is
+        checked against the chunk rows for ``live`` ones: joining every match
+        to the chunk rows before ranking costs as much again as the ranking.
+        Chunks that are not live (a write in progress) are few, so the head is
+        a little deeper than ``k``; when they leave fewer than ``k``, a deeper
+        head is read, until the matches run out.
         """
         name = self.table_name(generation_id)
         match = " OR ".join(f'"{term}"' for term in terms)
-        rows = conn.execute(
-            sa.text(
-                f'SELECT c.vector_id, -f.rank AS score FROM "{name}" AS f '
-                f"JOIN {self._chunks.name} AS c "
-                "ON c.generation_id = :generation AND c.vector_id = f.rowid "
-                f"WHERE \"{name}\" MATCH :match AND c.state = 'live' "
-                "ORDER BY f.rank, c.vector_id LIMIT :k"
-            ),
-            {"generation": generation_id, "match": match, "k": k},
+        ranked = sa.text(
+            f'SELECT rowid, -rank AS score FROM "{name}" WHERE "{name}" MATCH :match '
+            "ORDER BY rank, rowid LIMIT :depth"
         )
-        return [(int(vid), float(score)) for vid, score in rows]
+        depth = k + _LIVE_SLACK
+        while True:
+            head = [
+                (int(vid), float(score))
+                for vid, score in conn.execute(ranked, {"match": match, "depth": depth})
+            ]
+            live = self._live(conn, generation_id, [vid for vid, _ in head])
+            found = [(vid, score) for vid, score in head if vid in live]
+            if len(found) >= k or len(head) < depth:
+                return found[:k]
+            depth *= 4
+
+    def _live(
+        self, conn: Connection, generation_id: int, vector_ids: list[int]
+    ) -> set[int]:
+        chunks, live = self._chunks, set[int]()
+        for start in range(0, len(vector_ids), _IDS_PER_QUERY):
+            rows = conn.execute(
+                sa.select(chunks.c.vector_id).where(
+                    chunks.c.generation_id == generation_id,
+                    chunks.c.state == "live",
+                    chunks.c.vector_id.in_(vector_ids[start : start + _IDS_PER_QUERY]),
+                )
+            )
+            live.update(int(vid) for vid in rows.scalars())
+        return live
 
     def _table(self, generation_id: int) -> sa.TableClause:
         return sa.table(

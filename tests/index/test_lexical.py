@@ -212,6 +212,21 @@ def test_pending_and_deleting_chunks_never_appear(catalog: Catalog) -> None:
     assert _ids(while_deleting) == [new], "a deleting chunk must not be found"
 
 
+def test_live_chunks_are_found_behind_many_better_ranked_pending_ones(
+    catalog: Catalog,
+) -> None:
+    gen_id = _generation_with_filler(catalog)
+    [live] = _publish(catalog, gen_id, "s:live", ["A zeppelin flew over the hangar."])
+    pending = _chunks(
+        "s:busy", "h1", [f"Zeppelin zeppelin zeppelin, page {i}." for i in range(100)]
+    )
+    catalog.stage_chunks(gen_id, pending)
+
+    found = catalog.lexical_search(gen_id, "zeppelin", 3)
+
+    assert _ids(found) == [live], "pending chunks ranked higher must be skipped"
+
+
 def test_purged_chunks_disappear(catalog: Catalog) -> None:
     gen_id = _generation_with_filler(catalog)
     _publish(catalog, gen_id, "s:a", ["The zeppelin manual."])
