@@ -25,6 +25,7 @@ from rich.table import Table
 from index.sync import SyncReport
 from ingestion.embedding import set_offline_environment
 from ingestion.errors import ConfigError, RaglineError
+from retrieval.config import SearchMode
 
 from .logs import configure_logging
 from .runtime import Runtime
@@ -203,13 +204,20 @@ def search(
     k: Annotated[
         int, typer.Option("-k", min=1, max=1000, help="How many passages.")
     ] = 5,
+    mode: Annotated[
+        SearchMode,
+        typer.Option(
+            help="dense (score: cosine similarity), lexical (BM25) or hybrid "
+            "(reciprocal rank fusion of both)."
+        ),
+    ] = "dense",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Find the passages most similar to QUERY."""
+    """Find the passages that best match QUERY."""
     if not query.strip():
         raise ConfigError("The query is empty; say what to look for.")
     with _runtime() as runtime:
-        hits = runtime.search(collection, query, k)
+        hits = runtime.search(collection, query, k, mode=mode)
     if as_json:
         results = [
             {

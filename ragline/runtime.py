@@ -29,7 +29,8 @@ from ingestion.connectors.base import Source, connector_for
 from ingestion.embedding import CachedEmbedder, SentenceTransformerEmbedder
 from ingestion.errors import GenerationError
 from ingestion.pipeline import Pipeline
-from retrieval.dense import DenseRetriever, SearchHit
+from retrieval.config import SearchMode
+from retrieval.retriever import Retriever, SearchHit
 
 from .settings import Settings
 
@@ -174,7 +175,7 @@ class Runtime:
             )
         return results
 
-    def retriever(self, collection_name: str) -> DenseRetriever:
+    def retriever(self, collection_name: str) -> Retriever:
         collection = self.settings.collection(collection_name)
         generation = self.catalog.live_generation(collection.name)
         if generation is None:
@@ -182,12 +183,24 @@ class Runtime:
                 f"Collection {collection.name!r} has no live generation yet; run "
                 "`ragline ingest` first."
             )
-        return DenseRetriever(
-            self.catalog, self.index(generation), generation, self.embedder(collection)
+        return Retriever(
+            self.catalog,
+            self.index(generation),
+            generation,
+            self.embedder(collection).inner,
+            self.settings.retrieval,
         )
 
-    def search(self, collection_name: str, query: str, k: int) -> list[SearchHit]:
-        return self.retriever(collection_name).search(query, k)
+    def search(
+        self,
+        collection_name: str,
+        query: str,
+        k: int,
+        *,
+        mode: SearchMode | None = None,
+    ) -> list[SearchHit]:
+        """Every live passage matching ``query``, best first (no access filter)."""
+        return self.retriever(collection_name).search(query, k, mode=mode)
 
     def source_rows(self) -> list[dict[str, Any]]:
         """Freshness of every declared source, as ``ragline sources status`` shows it.

@@ -38,6 +38,8 @@ __all__ = ["Retriever", "SearchHit"]
 _NO_FILTERS = SearchFilters()
 # How much deeper lexical search looks when filters hid too many candidates.
 _LEXICAL_DEEPENING = 8
+# Candidates past k that plain dense search reads, for chunks it cannot show.
+_DENSE_SLACK = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +118,7 @@ class Retriever:
 
         if mode != "lexical" and query_vector is None:
             query_vector = self.embed_query(query)
-        candidates = self._candidates(
-            query, query_vector, mode, max(self._config.candidates, k)
-        )
+        candidates = self._candidates(query, query_vector, mode, self._depth(mode, k))
         self._narrow(candidates, query, query_vector, k, filters, scope)
 
         ranked = self._rank(candidates, mode)
@@ -128,12 +128,29 @@ class Retriever:
 
     # -- steps -------------------------------------------------------------
 
+    def _depth(self, mode: SearchMode, k: int) -> int:
+        """How many candidates each retriever contributes.
+
+        Fusion, reranking and MMR reorder candidates, so they get the
+        configured depth; plain dense search returns the index's own order,
+        so a few past ``k`` (for chunks hidden by state or access) suffice.
+        """
+        reorders = (
+            mode != "dense"
+            or self._reranker is not None
+            or self._config.mmr_lambda is not None
+        )
+        if reorders:
+            return max(self._config.candidates, k)
+        return min(max(self._config.candidates, k), k + _DENSE_SLACK)
+
     def _check(self, query: str, k: int) -> None:
         if not query.strip():
             raise RequestError("The query is empty; send the text to search for.")
         if not 1 <= k <= self._config.max_top_k:
             raise RequestError(
-                f"top_k must be between 1 and {self._config.max_top_k}, not {k}."
+                f"top_k must be between 1 and {self._config.max_top_k} "
+                f"(retrieval.max_top_k), not {k}."
             )
 
     def _candidates(
