@@ -199,6 +199,19 @@ class LiveCollections:
         return self._query_model(collection).dim
 
 
+class _TracedReranker(Reranker):
+    """A reranker whose every call is a ``rerank`` span inside ``retrieve``."""
+
+    def __init__(self, inner: Reranker, observer: Observer) -> None:
+        self._inner = inner
+        self._observer = observer
+        self.candidates = inner.candidates
+
+    def score(self, query: str, passages: Sequence[str]) -> list[float]:
+        with self._observer.span("rerank", passages=len(passages)):
+            return self._inner.score(query, passages)
+
+
 class _ServiceReadiness(Readiness):
     def __init__(
         self, collections: LiveCollections, provider: Provider, observer: Observer
@@ -232,7 +245,7 @@ def build_app(
     serve = settings.serve
     observer = Observer(serve.tracing)
     reranker = (
-        CrossEncoderReranker(settings.retrieval.rerank)
+        _TracedReranker(CrossEncoderReranker(settings.retrieval.rerank), observer)
         if settings.retrieval.rerank is not None
         else None
     )

@@ -11,9 +11,10 @@ one process, as in tests, never collide) and are served at ``/metrics``:
   hits and misses;
 * ``ragline_index_chunks{collection, generation}``: live chunks per collection.
 
-Traces: OpenTelemetry spans ``ask`` → ``embed`` → ``retrieve`` →
-``generate``, exported as ``tracing.exporter`` says (``none`` by default,
-``console``, or ``otlp`` to an OTLP/HTTP collector).
+Traces: one OpenTelemetry span ``ask`` (or ``search``) per request, holding
+``embed``, ``retrieve`` (with ``rerank`` inside it when a reranker is
+configured) and ``generate``, exported as ``tracing.exporter`` says (``none``
+by default, ``console``, or ``otlp`` to an OTLP/HTTP collector).
 """
 
 from __future__ import annotations

@@ -212,7 +212,8 @@ class AnswerService:
         """The passages ``caller`` may see that best match ``query``."""
         prepared = self._prepare(query, collection, caller, top_k, mode, filters)
         timer = _Timer()
-        hits = await self._retrieve(prepared, caller, timer, None)
+        with self._observer.span("search", collection=collection):
+            hits = await self._retrieve(prepared, caller, timer, None)
         self._observer.request_done("search", timer.stages)
         return hits
 
@@ -282,8 +283,34 @@ class AnswerService:
         stream: bool,
         request_id: str | None,
     ) -> AsyncIterator[TokenDelta | AskOutcome]:
-        timer = _Timer()
+        """The steps below, as one ``ask`` span that the stages' spans sit in."""
         request_id = request_id or uuid.uuid4().hex
+        with self._observer.span("ask", collection=collection, request_id=request_id):
+            async for event in self._answer_steps(
+                question,
+                collection,
+                caller,
+                top_k,
+                mode,
+                filters,
+                stream=stream,
+                request_id=request_id,
+            ):
+                yield event
+
+    async def _answer_steps(
+        self,
+        question: str,
+        collection: str,
+        caller: Caller,
+        top_k: int,
+        mode: SearchMode | None,
+        filters: SearchFilters | None,
+        *,
+        stream: bool,
+        request_id: str,
+    ) -> AsyncIterator[TokenDelta | AskOutcome]:
+        timer = _Timer()
         prepared = self._prepare(question, collection, caller, top_k, mode, filters)
         versions = self._version_lookup(prepared.collection)
 

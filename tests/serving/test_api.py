@@ -466,3 +466,40 @@ def test_a_new_generation_invalidates_cached_answers(served: Served) -> None:
     assert after["cached"] is False, "an answer of the old generation was reused"
     again = served.ask("carol", question)
     assert again["cached"] is True
+
+
+# -- tracing -------------------------------------------------------------------------
+
+
+def _printed_spans(text: str) -> list[dict[str, object]]:
+    """The JSON objects the console exporter printed, one per span."""
+    decoder, spans, position = json.JSONDecoder(), [], 0
+    while (start := text.find("{", position)) != -1:
+        span, position = decoder.raw_decode(text, start)
+        spans.append(span)
+    return spans
+
+
+def test_an_ask_is_one_trace_with_a_span_per_stage(
+    served: Served, real_embedder, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    raw = _settings(served.root)
+    raw["serve"]["tracing"] = {"exporter": "console"}  # type: ignore[index]
+    runtime = _runtime(served.root, raw, real_embedder)
+    app = build_app(runtime, provider=ScriptedProvider([_cite_first]), warm_up=False)
+    capsys.readouterr()
+    with TestClient(app) as client:
+        response = client.post(
+            "/ask",
+            json={"question": "How long is an on-call rotation?", "collection": "docs"},
+            headers={"Authorization": f"Bearer {KEYS['carol']}"},
+        )
+    assert response.status_code == 200, response.text
+
+    spans = {s["name"]: s for s in _printed_spans(capsys.readouterr().out)}
+    assert {"ask", "embed", "retrieve", "generate"} <= spans.keys(), spans.keys()
+    ask = spans["ask"]["context"]
+    for stage in ("embed", "retrieve", "generate"):
+        context = spans[stage]["context"]
+        assert context["trace_id"] == ask["trace_id"], f"{stage} is in another trace"
+        assert spans[stage]["parent_id"] == ask["span_id"], f"{stage} is not in ask"
