@@ -41,6 +41,9 @@ bench: install
 	bash bench/prepare
 	$(BIN)/python bench/bench_ingest.py --limit $(BENCH_PAGES)
 	$(BIN)/python bench/bench_vectors.py --real-vectors bench/.cache/manual-vectors.npy
+	$(BIN)/python bench/check_questions.py
+	$(BIN)/python bench/bench_retrieval.py
+	$(BIN)/python bench/bench_serving.py
 
 check: install
 	$(BIN)/ruff format --check .

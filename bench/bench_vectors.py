@@ -556,9 +556,11 @@ def main(argv: list[str]) -> int:
         real = []
         if args.real_vectors is not None:
             total = np.load(args.real_vectors, mmap_mode="r").shape[0]
+            # A tenth of a small file is held out as queries, never most of it.
+            held_out = min(args.queries, max(1, total // 10))
             data = Data(
-                n=total - args.queries,
-                queries=args.queries,
+                n=total - held_out,
+                queries=held_out,
                 real=str(args.real_vectors),
             )
             runner.faiss_pair(data)
