@@ -17,7 +17,9 @@ real embedding model, then asks each question in each mode and prints:
 
 The index is kept in ``bench/.cache/retrieval-data`` and reused while the
 page list is the same (an unchanged re-ingest takes seconds); ``--fresh``
-rebuilds it.
+rebuilds it. The real embeddings of its chunks are saved to
+``bench/.cache/retrieval-vectors.npy``, where ``bench/bench_vectors.py``
+checks its synthetic figures against them.
 
 Usage: python bench/bench_retrieval.py [--manual DIR] [--extra-pages N] [--fresh]
 """
@@ -85,6 +87,24 @@ def settings_for(data_dir: Path, manual: Path, pages: list[str]) -> Any:
     return parse_settings(raw, base_dir=REPO, origin="bench settings")
 
 
+def save_vectors(catalog_db: Path, target: Path) -> None:
+    """Every embedding the catalog holds (one model, this corpus) as an N x d array."""
+    import numpy as np
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{catalog_db}")
+    try:
+        with engine.connect() as conn:
+            blobs = conn.execute(
+                sa.text("SELECT vector FROM embeddings ORDER BY text_hash")
+            ).scalars()
+            vectors = np.stack([np.frombuffer(b, dtype=np.float32) for b in blobs])
+    finally:
+        engine.dispose()
+    np.save(target, vectors)
+    progress(f"saved {len(vectors)} real vectors to {target}")
+
+
 def evaluate(
     retriever: Any,
     questions: list[dict[str, Any]],
@@ -142,6 +162,7 @@ def main() -> None:
         ingest_s = time.perf_counter() - started
         marker.write_text(json.dumps(pages))
         progress(f"ingested: {report.counts()} in {ingest_s:.0f}s")
+        save_vectors(data_dir / "catalog.db", CACHE / "retrieval-vectors.npy")
 
         collection = settings.collection("manual")
         generation = runtime.catalog.live_generation("manual")

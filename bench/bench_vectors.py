@@ -569,9 +569,9 @@ def main(argv: list[str]) -> int:
                 runner.run("qdrant", data)
                 qdrant_runs.append(data)
 
-    print_faiss(
-        runner, synthetic, "FAISS on synthetic data (Gaussian mixture, 384 dims, k=10)"
-    )
+    if synthetic:
+        title = "FAISS on synthetic data (Gaussian mixture, 384 dims, k=10)"
+        print_faiss(runner, synthetic, title)
     if real:
         print_faiss(runner, real, f"FAISS on real vectors from {args.real_vectors}")
     if qdrant_runs:
