@@ -13,6 +13,10 @@ A search runs in named steps:
    cross-encoder may rescore the head of the list; MMR may trade relevance
    for diversity. The first ``k`` are returned.
 
+:meth:`Retriever.plan` runs steps 1 and 2 up to the first visibility check
+and :meth:`Retriever.finish` the rest, so a service can keep a cheap search
+on its event loop and send only costly ones to a thread; ``search`` does both.
+
 Only ``live`` chunks are ever returned: the catalog hides chunks of a write
 in progress, so a search during an ingest sees the last committed state.
 """
@@ -33,7 +37,7 @@ from .filters import AccessScope, Filterable, SearchFilters
 from .fusion import maximal_marginal_relevance, reciprocal_rank_fusion
 from .rerank import Reranker
 
-__all__ = ["Retriever", "SearchHit"]
+__all__ = ["Retriever", "SearchHit", "SearchPlan"]
 
 _NO_FILTERS = SearchFilters()
 # How much deeper lexical search looks when filters hid too many candidates.
@@ -71,6 +75,32 @@ class _Candidates:
     dense: list[tuple[int, float]]
     lexical: list[tuple[int, float]]
     records: dict[int, ChunkRecord]
+
+
+@dataclass
+class SearchPlan:
+    """A search between :meth:`Retriever.plan` and :meth:`Retriever.finish`.
+
+    ``quick`` says that finishing reads nothing more from the catalog or the
+    index and runs no model: only ranking is left.
+    """
+
+    query: str
+    k: int
+    mode: SearchMode
+    filters: SearchFilters
+    scope: AccessScope
+    vector: VectorArray | None
+    depth: int
+    candidates: _Candidates
+    quick: bool = False
+
+    @property
+    def restricted(self) -> bool:
+        return not self.scope.sees_everything or not self.filters.is_empty
+
+    def visible(self, record: Filterable) -> bool:
+        return self.scope.allows(record.access_labels) and self.filters.matches(record)
 
 
 class Retriever:
@@ -111,6 +141,27 @@ class Retriever:
         query_vector: VectorArray | None = None,
     ) -> list[SearchHit]:
         """The ``k`` best passages for ``query`` that ``scope`` may see, best first."""
+        plan = self.plan(
+            query, k, mode=mode, filters=filters, scope=scope, query_vector=query_vector
+        )
+        return self.finish(plan)
+
+    def plan(
+        self,
+        query: str,
+        k: int = 5,
+        *,
+        mode: SearchMode | None = None,
+        filters: SearchFilters | None = None,
+        scope: AccessScope | None = None,
+        query_vector: VectorArray | None = None,
+    ) -> SearchPlan:
+        """Steps 1 and 2 up to the first visibility check; :meth:`finish` does the rest.
+
+        The split lets a caller run a cheap plan where it is (an event loop)
+        and hand only a plan whose finish is costly (:attr:`SearchPlan.quick`
+        false) to a worker thread.
+        """
         mode = mode or self._config.mode
         filters = filters or _NO_FILTERS
         scope = scope or AccessScope.everything()
@@ -118,13 +169,24 @@ class Retriever:
 
         if mode != "lexical" and query_vector is None:
             query_vector = self.embed_query(query)
-        candidates = self._candidates(query, query_vector, mode, self._depth(mode, k))
-        self._narrow(candidates, query, query_vector, k, filters, scope)
+        depth = self._depth(mode, k)
+        candidates = self._candidates(query, query_vector, mode, depth)
+        plan = SearchPlan(
+            query, k, mode, filters, scope, query_vector, depth, candidates
+        )
+        self._drop_invisible(plan)
+        plan.quick = self._reranker is None and not self._needs_more(plan)
+        return plan
 
-        ranked = self._rank(candidates, mode)
-        ranked = self._rerank(query, ranked, candidates.records)
-        ranked = self._diversify(query_vector, ranked, candidates.records, k)
-        return self._hits(ranked[:k], candidates)
+    def finish(self, plan: SearchPlan) -> list[SearchHit]:
+        """Look further when too little is visible, then rank: the hits, best first."""
+        if self._needs_more(plan):
+            self._look_further(plan)
+        found = plan.candidates
+        ranked = self._rank(found, plan.mode)
+        ranked = self._rerank(plan.query, ranked, found.records)
+        ranked = self._diversify(plan.vector, ranked, found.records, plan.k)
+        return self._hits(ranked[: plan.k], found)
 
     # -- steps -------------------------------------------------------------
 
@@ -166,41 +228,48 @@ class Retriever:
         records = self._catalog.live_chunks(self._generation.id, sorted(ids))
         return _Candidates(dense, lexical, records)
 
-    def _narrow(
-        self,
-        found: _Candidates,
-        query: str,
-        vector: VectorArray | None,
-        k: int,
-        filters: SearchFilters,
-        scope: AccessScope,
-    ) -> None:
-        """Drop what the caller may not see; look further when too little is left."""
-        restricted = not scope.sees_everything or not filters.is_empty
+    def _drop_invisible(self, plan: SearchPlan) -> None:
+        found = plan.candidates
+        found.records = {v: r for v, r in found.records.items() if plan.visible(r)}
 
-        def visible(record: Filterable) -> bool:
-            return scope.allows(record.access_labels) and filters.matches(record)
+    def _needs_more(self, plan: SearchPlan) -> bool:
+        return self._dense_short(plan) or self._lexical_short(plan)
 
-        found.records = {v: r for v, r in found.records.items() if visible(r)}
-        if not restricted:
-            return
+    def _dense_short(self, plan: SearchPlan) -> bool:
+        """Filters hid so much that fewer than k dense candidates remain, and more exist."""
+        found = plan.candidates
+        return (
+            plan.restricted
+            and plan.vector is not None
+            and len(found.dense) >= plan.depth
+            and sum(v in found.records for v, _ in found.dense) < plan.k
+        )
+
+    def _lexical_short(self, plan: SearchPlan) -> bool:
+        found = plan.candidates
+        return (
+            plan.restricted
+            and len(found.lexical) >= plan.depth
+            and sum(v in found.records for v, _ in found.lexical) < plan.k
+        )
+
+    def _look_further(self, plan: SearchPlan) -> None:
+        """Redo dense search within the visible ids, and lexical search deeper."""
+        found = plan.candidates
         checked = {v for v, _ in found.dense + found.lexical}
-        depth = max(self._config.candidates, k)
-        dense_short = sum(v in found.records for v, _ in found.dense) < k
-        if vector is not None and len(found.dense) >= depth and dense_short:
-            allowed = self._catalog.visible_vector_ids(self._generation.id, visible)
-            hits = self._index.search(vector, depth, allowed_ids=allowed)[0]
+        if plan.vector is not None and self._dense_short(plan):
+            allowed = self._catalog.visible_vector_ids(
+                self._generation.id, plan.visible
+            )
+            hits = self._index.search(plan.vector, plan.depth, allowed_ids=allowed)[0]
             found.dense = [(h.id, h.score) for h in hits]
-        if (
-            len(found.lexical) >= depth
-            and sum(v in found.records for v, _ in found.lexical) < k
-        ):
+        if self._lexical_short(plan):
             found.lexical = self._catalog.lexical_search(
-                self._generation.id, query, depth * _LEXICAL_DEEPENING
+                self._generation.id, plan.query, plan.depth * _LEXICAL_DEEPENING
             )
         missing = {v for v, _ in found.dense + found.lexical} - checked
         more = self._catalog.live_chunks(self._generation.id, sorted(missing))
-        found.records.update({v: r for v, r in more.items() if visible(r)})
+        found.records.update({v: r for v, r in more.items() if plan.visible(r)})
 
     def _rank(self, found: _Candidates, mode: SearchMode) -> list[tuple[int, float]]:
         dense = [(v, s) for v, s in found.dense if v in found.records]

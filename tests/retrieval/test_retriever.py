@@ -151,6 +151,25 @@ def test_a_scope_with_few_visible_documents_still_fills_k(corpus: Corpus) -> Non
     assert corpus.uris(hits) == ["printer.md"], corpus.uris(hits)
 
 
+def test_only_a_plan_that_must_look_further_is_not_quick(corpus: Corpus) -> None:
+    narrow = RetrievalConfig(candidates=2)
+    retriever = Retriever(
+        corpus.catalog,
+        corpus.retriever._index,
+        corpus.retriever.generation,
+        corpus.embedder,
+        narrow,
+    )
+    filters = SearchFilters(uri_prefix=next(iter(_uris(corpus, "printer.md"))))
+
+    open_plan = retriever.plan("office kettle", 1, mode="dense")
+    hidden = retriever.plan("office kettle", 1, mode="dense", filters=filters)
+
+    assert open_plan.quick, "nothing is hidden, so only ranking is left"
+    assert not hidden.quick, "the filter hid both candidates; more must be read"
+    assert corpus.uris(retriever.finish(hidden)) == ["printer.md"]
+
+
 def _uris(corpus: Corpus, name: str) -> set[str]:
     hits = corpus.retriever.search(name.removesuffix(".md"), 7, mode="dense")
     return {h.uri for h in hits if h.uri.endswith(name)}
