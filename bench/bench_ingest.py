@@ -9,9 +9,9 @@ Prints, in one run:
   ingest's time (goal: at most 0.05);
 * peak resident memory of each phase, each measured in its own process.
 
-It also saves the plain-encoded vectors to ``bench/.cache/manual-vectors.npy``
-so the vector benchmark can check its synthetic figures against real
-embeddings.
+It also saves the plain-encoded vectors to ``bench/.cache/manual-vectors.npy``,
+a file ``bench/bench_vectors.py --real-vectors`` can read (``make bench``
+gives it the larger set the retrieval benchmark saves).
 
 Usage: python bench/bench_ingest.py [--manual DIR] [--limit N]
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,9 +34,7 @@ CACHE = HERE / ".cache"
 MANUAL = Path("/usr/share/doc/python3.11/html")
 sys.path.insert(0, str(REPO))
 
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from bench._util import peak_rss_mb  # noqa: E402
 
 
 def _settings(data_dir: Path, manual: Path, limit: int | None) -> Any:
@@ -87,7 +84,7 @@ def phase_ingest(data_dir: Path, manual: Path, limit: int | None) -> dict[str, A
         "chunks": report.chunks_written,
         "failed": report.failed,
         "unchanged": report.unchanged,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -114,7 +111,7 @@ def phase_encode(data_dir: Path, manual: Path, limit: int | None) -> dict[str, A
     seconds = time.perf_counter() - started
     CACHE.mkdir(parents=True, exist_ok=True)
     np.save(CACHE / "manual-vectors.npy", np.asarray(vectors, dtype=np.float32))
-    return {"seconds": seconds, "chunks": len(texts), "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": seconds, "chunks": len(texts), "peak_rss_mb": peak_rss_mb()}
 
 
 def _embedded_texts(data_dir: Path, chunk_type: Any, embedding_text: Any) -> list[str]:
