@@ -138,28 +138,14 @@ def test_a_caller_without_the_label_never_sees_the_labelled_document(
 
 
 def test_a_scope_with_few_visible_documents_still_fills_k(corpus: Corpus) -> None:
-    narrow = RetrievalConfig(candidates=2)
-    retriever = Retriever(
-        corpus.catalog,
-        corpus.retriever._index,
-        corpus.retriever.generation,
-        corpus.embedder,
-        narrow,
-    )
+    retriever = _with_config(corpus, RetrievalConfig(candidates=2))
     filters = SearchFilters(uri_prefix=next(iter(_uris(corpus, "printer.md"))))
     hits = retriever.search("office kettle", 1, mode="dense", filters=filters)
     assert corpus.uris(hits) == ["printer.md"], corpus.uris(hits)
 
 
 def test_only_a_plan_that_must_look_further_is_not_quick(corpus: Corpus) -> None:
-    narrow = RetrievalConfig(candidates=2)
-    retriever = Retriever(
-        corpus.catalog,
-        corpus.retriever._index,
-        corpus.retriever.generation,
-        corpus.embedder,
-        narrow,
-    )
+    retriever = _with_config(corpus, RetrievalConfig(candidates=2))
     filters = SearchFilters(uri_prefix=next(iter(_uris(corpus, "printer.md"))))
 
     open_plan = retriever.plan("office kettle", 1, mode="dense")
@@ -168,6 +154,16 @@ def test_only_a_plan_that_must_look_further_is_not_quick(corpus: Corpus) -> None
     assert open_plan.quick, "nothing is hidden, so only ranking is left"
     assert not hidden.quick, "the filter hid both candidates; more must be read"
     assert corpus.uris(retriever.finish(hidden)) == ["printer.md"]
+
+
+def _with_config(corpus: Corpus, config: RetrievalConfig) -> Retriever:
+    return Retriever(
+        corpus.catalog,
+        corpus.retriever._index,
+        corpus.retriever.generation,
+        corpus.embedder,
+        config,
+    )
 
 
 def _uris(corpus: Corpus, name: str) -> set[str]:
@@ -225,13 +221,7 @@ def test_rank_fusion_rewards_agreement_and_honours_weights() -> None:
 
 
 def test_mmr_setting_diversifies_results(corpus: Corpus) -> None:
-    retriever = Retriever(
-        corpus.catalog,
-        corpus.retriever._index,
-        corpus.retriever.generation,
-        corpus.embedder,
-        RetrievalConfig(mmr_lambda=0.3),
-    )
+    retriever = _with_config(corpus, RetrievalConfig(mmr_lambda=0.3))
     hits = retriever.search("office kettle", 3, mode="dense")
     assert len({h.doc_id for h in hits}) == 3
 
