@@ -19,6 +19,7 @@ from typing import Any
 __all__ = [
     "REPO",
     "latency_ms",
+    "manual_settings",
     "peak_rss_mb",
     "print_table",
     "progress",
@@ -43,6 +44,28 @@ def latency_ms(seconds: Sequence[float]) -> dict[str, float]:
         "p99": at(0.99),
         "mean": 1000 * sum(ordered) / len(ordered),
     }
+
+
+def manual_settings(
+    data_dir: Path, manual: Path, include: Sequence[str], exclude: Sequence[str] = ()
+) -> Any:
+    """Settings of one FAISS collection, ``manual``, fed by pages of the manual."""
+    from ragline.settings import parse_settings
+
+    source = {
+        "name": "pymanual",
+        "type": "files",
+        "collection": "manual",
+        "path": str(manual),
+        "include": list(include),
+        "exclude": list(exclude),
+    }
+    raw = {
+        "data_dir": str(data_dir),
+        "collections": [{"name": "manual", "index": "faiss"}],
+        "sources": [source],
+    }
+    return parse_settings(raw, base_dir=REPO, origin="bench settings")
 
 
 def peak_rss_mb() -> float:

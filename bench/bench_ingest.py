@@ -34,37 +34,16 @@ CACHE = HERE / ".cache"
 MANUAL = Path("/usr/share/doc/python3.11/html")
 sys.path.insert(0, str(REPO))
 
-from bench._util import peak_rss_mb  # noqa: E402
+from bench._util import manual_settings, peak_rss_mb  # noqa: E402
 
 
 def _settings(data_dir: Path, manual: Path, limit: int | None) -> Any:
-    from ragline.settings import parse_settings
-
     include = ["**/*.html"]
     if limit:
-        include = sorted(str(p.relative_to(manual)) for p in manual.rglob("*.html"))[
-            :limit
-        ]
-    raw = {
-        "data_dir": str(data_dir),
-        "collections": [{"name": "manual", "index": "faiss"}],
-        "sources": [
-            {
-                "name": "pymanual",
-                "type": "files",
-                "collection": "manual",
-                "path": str(manual),
-                "include": include,
-                "exclude": [
-                    "_static/**",
-                    "_sources/**",
-                    "_images/**",
-                    "genindex*.html",
-                ],
-            }
-        ],
-    }
-    return parse_settings(raw, base_dir=REPO, origin="bench settings")
+        pages = sorted(str(p.relative_to(manual)) for p in manual.rglob("*.html"))
+        include = pages[:limit]
+    exclude = ["_static/**", "_sources/**", "_images/**", "genindex*.html"]
+    return manual_settings(data_dir, manual, include, exclude)
 
 
 def phase_ingest(data_dir: Path, manual: Path, limit: int | None) -> dict[str, Any]:

@@ -38,7 +38,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._util import REPO, latency_ms, peak_rss_mb, print_table, progress
+from bench._util import (
+    REPO,
+    latency_ms,
+    manual_settings,
+    peak_rss_mb,
+    print_table,
+    progress,
+)
 
 CACHE = REPO / "bench" / ".cache"
 MANUAL = Path("/usr/share/doc/python3.11/html")
@@ -66,25 +73,6 @@ def corpus_pages(
         if str(p.relative_to(manual)) not in named
     )
     return named + others[:extra]
-
-
-def settings_for(data_dir: Path, manual: Path, pages: list[str]) -> Any:
-    from ragline.settings import parse_settings
-
-    raw = {
-        "data_dir": str(data_dir),
-        "collections": [{"name": "manual", "index": "faiss"}],
-        "sources": [
-            {
-                "name": "pymanual",
-                "type": "files",
-                "collection": "manual",
-                "path": str(manual),
-                "include": pages,
-            }
-        ],
-    }
-    return parse_settings(raw, base_dir=REPO, origin="bench settings")
 
 
 def save_vectors(catalog_db: Path, target: Path) -> None:
@@ -153,7 +141,7 @@ def main() -> None:
         shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True, exist_ok=True)
 
-    settings = settings_for(data_dir, args.manual, pages)
+    settings = manual_settings(data_dir, args.manual, pages)
     runtime = Runtime(settings)
     try:
         progress(f"ingesting {len(pages)} pages of the manual")

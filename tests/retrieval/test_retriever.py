@@ -77,7 +77,7 @@ def _ingest(
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory, real_embedder) -> Iterator[Corpus]:  # type: ignore[no-untyped-def]
+def corpus(tmp_path_factory: pytest.TempPathFactory, real_embedder) -> Iterator[Corpus]:
     root = tmp_path_factory.mktemp("retrieval")
     for folder, docs in (("public", DOCS), ("secret", SECRET_DOCS)):
         (root / folder).mkdir()
@@ -99,7 +99,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, real_embedder) -> Iterator[
 
 @pytest.mark.parametrize("mode", ["dense", "lexical", "hybrid"])
 def test_each_mode_finds_the_document_that_answers(corpus: Corpus, mode: str) -> None:
-    hits = corpus.retriever.search("what does error E42 mean", 3, mode=mode)  # type: ignore[arg-type]
+    hits = corpus.retriever.search("what does error E42 mean", 3, mode=mode)
     assert corpus.uris(hits)[0] == "error-e42.md", corpus.uris(hits)
 
 
@@ -126,7 +126,7 @@ def test_a_caller_without_the_label_never_sees_the_labelled_document(
 ) -> None:
     query = "kettle budget merger"
     for mode in ("dense", "lexical", "hybrid"):
-        public = corpus.retriever.search(query, 7, mode=mode, scope=AccessScope())  # type: ignore[arg-type]
+        public = corpus.retriever.search(query, 7, mode=mode, scope=AccessScope())
         board = corpus.retriever.search(
             query,
             7,
@@ -287,7 +287,7 @@ def test_a_reranker_path_without_a_model_is_a_config_error(tmp_path: Path) -> No
 # -- query micro-batching -----------------------------------------------------------
 
 
-def test_concurrent_queries_share_one_forward_pass(real_embedder) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_queries_share_one_forward_pass(real_embedder) -> None:
     texts = [f"question number {i} about kettles" for i in range(16)]
 
     async def run(config: BatchingConfig) -> tuple[list[np.ndarray], QueryEmbedder]:

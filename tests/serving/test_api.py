@@ -59,7 +59,7 @@ class Served:
     provider: ScriptedProvider
     root: Path
 
-    def post(self, path: str, user: str | None, body: dict[str, object]):  # type: ignore[no-untyped-def]
+    def post(self, path: str, user: str | None, body: dict[str, object]):
         headers = {"Authorization": f"Bearer {KEYS[user]}"} if user else {}
         return self.client.post(path, json=body, headers=headers)
 
@@ -115,7 +115,7 @@ def _settings(root: Path) -> dict[str, object]:
     }
 
 
-def _runtime(root: Path, raw: dict[str, object], embedder) -> Runtime:  # type: ignore[no-untyped-def]
+def _runtime(root: Path, raw: dict[str, object], embedder) -> Runtime:
     settings = parse_settings(raw, base_dir=root)
     runtime = Runtime(settings)
     # Share the session's model instead of loading a second copy.
@@ -126,7 +126,7 @@ def _runtime(root: Path, raw: dict[str, object], embedder) -> Runtime:  # type: 
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, real_embedder) -> Iterator[Served]:  # type: ignore[no-untyped-def]
+def served(tmp_path_factory: pytest.TempPathFactory, real_embedder) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("served")
     shutil.copytree(EXAMPLES / "handbook", root / "handbook")
     (root / "finance").mkdir()
@@ -214,7 +214,7 @@ def test_ask_returns_an_answer_with_citations_usage_and_timings(served: Served) 
     assert citation["n"] == 1
     assert citation["as_of"] is not None
     assert answer["usage"]["completion_tokens"] > 0  # type: ignore[index]
-    assert set(answer["timings"]) == {"retrieve_ms", "generate_ms", "total_ms"}  # type: ignore[arg-type]
+    assert set(answer["timings"]) == {"retrieve_ms", "generate_ms", "total_ms"}
     assert answer["model"] == "scripted-model"
     assert answer["request_id"]
 
