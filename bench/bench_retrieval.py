@@ -51,8 +51,18 @@ CACHE = REPO / "bench" / ".cache"
 MANUAL = Path("/usr/share/doc/python3.11/html")
 QUESTIONS = REPO / "bench" / "manual_questions.jsonl"
 MODES = ("dense", "lexical", "hybrid")
-# (dense_weight, rrf_k) pairs tried beside the settings; lexical_weight stays.
-FUSION_SWEEP = ((1.0, 20), (1.5, 60), (2.0, 60), (1.5, 20), (2.0, 20))
+# Fusion settings tried beside the settings' own; lexical_weight stays.
+FUSION_SWEEP: tuple[dict[str, Any], ...] = (
+    {"fusion": "rrf", "dense_weight": 1.0, "rrf_k": 60},
+    {"fusion": "rrf", "dense_weight": 1.0, "rrf_k": 20},
+    {"fusion": "rrf", "dense_weight": 1.5, "rrf_k": 60},
+    {"fusion": "rrf", "dense_weight": 2.0, "rrf_k": 60},
+    {"fusion": "rrf", "dense_weight": 1.5, "rrf_k": 20},
+    {"fusion": "rrf", "dense_weight": 2.0, "rrf_k": 20},
+    {"fusion": "convex", "dense_weight": 1.5},
+    {"fusion": "convex", "dense_weight": 2.0},
+    {"fusion": "convex", "dense_weight": 3.0},
+)
 HIT_AT = 5
 MRR_AT = 10
 
@@ -165,50 +175,88 @@ def main() -> None:
         retriever.search("warm up", 5, mode="hybrid")
         chunks = runtime.index(generation).count()
         results = evaluate(retriever, questions, args.manual)
-        sweep = []
-        for dense_weight, rrf_k in FUSION_SWEEP:
-            config = settings.retrieval.model_copy(
-                update={"dense_weight": dense_weight, "rrf_k": rrf_k}
-            )
-            other = Retriever(
+
+        def retriever_with(update: dict[str, Any]) -> Retriever:
+            return Retriever(
                 runtime.catalog,
                 runtime.index(generation),
                 generation,
                 runtime.embedder(collection).inner,
-                config,
+                settings.retrieval.model_copy(update=update),
             )
+
+        sweep = []
+        for update in FUSION_SWEEP:
+            other = retriever_with(update)
             found = evaluate(other, questions, args.manual, ("hybrid",))["hybrid"]
-            sweep.append((dense_weight, rrf_k, found))
+            sweep.append((update, found))
+        # Common words are left out only in large collections; here the rule
+        # is forced on to show what it costs in quality.
+        pruned = evaluate(
+            retriever_with({"lexical_common_min_chunks": 0}),
+            questions,
+            args.manual,
+            ("lexical", "hybrid"),
+        )
     finally:
         runtime.close()
 
     report_results(questions, results, len(pages), chunks)
     report_sweep(settings.retrieval, results["hybrid"], sweep, len(questions))
+    report_pruned(settings.retrieval, results, pruned, len(questions))
 
 
 def report_sweep(
-    config: Any, hybrid: dict[str, Any], sweep: list[tuple[float, int, Any]], n: int
+    config: Any,
+    hybrid: dict[str, Any],
+    sweep: list[tuple[dict[str, Any], Any]],
+    n: int,
 ) -> None:
-    rows = [
-        [
-            f"{config.dense_weight:g} : {config.lexical_weight:g} (settings)",
-            config.rrf_k,
-            sum(hybrid["hits"]) / n,
-            sum(hybrid["reciprocal"]) / n,
+    def row(update: dict[str, Any], found: dict[str, Any], note: str = "") -> list[Any]:
+        fusion = update.get("fusion", config.fusion)
+        weight = update.get("dense_weight", config.dense_weight)
+        return [
+            f"{fusion}{note}",
+            f"{weight:g} : {config.lexical_weight:g}",
+            update.get("rrf_k", config.rrf_k) if fusion == "rrf" else "-",
+            sum(found["hits"]) / n,
+            sum(found["reciprocal"]) / n,
         ]
-    ]
-    for dense_weight, rrf_k, found in sweep:
-        rows.append(
-            [
-                f"{dense_weight:g} : {config.lexical_weight:g}",
-                rrf_k,
-                sum(found["hits"]) / n,
-                sum(found["reciprocal"]) / n,
-            ]
-        )
+
+    rows = [row({}, hybrid, " (settings)")]
+    rows += [row(update, found) for update, found in sweep]
     print_table(
         "hybrid at other fusion settings",
-        ["dense : lexical weight", "rrf_k", f"hit@{HIT_AT}", f"MRR@{MRR_AT}"],
+        ["fusion", "dense : lexical weight", "rrf_k", f"hit@{HIT_AT}", f"MRR@{MRR_AT}"],
+        rows,
+    )
+
+
+def report_pruned(
+    config: Any,
+    results: dict[str, dict[str, Any]],
+    pruned: dict[str, dict[str, Any]],
+    n: int,
+) -> None:
+    rows = []
+    for mode in ("lexical", "hybrid"):
+        for label, found in (
+            ("every word", results[mode]),
+            ("common left out", pruned[mode]),
+        ):
+            rows.append(
+                [
+                    mode,
+                    label,
+                    sum(found["hits"]) / n,
+                    sum(found["reciprocal"]) / n,
+                    found["latency"]["p50"],
+                ]
+            )
+    print_table(
+        f"lexical words held by over {config.lexical_common_share:.0%} of the chunks "
+        "left out (forced on at this size)",
+        ["mode", "query words", f"hit@{HIT_AT}", f"MRR@{MRR_AT}", "p50 ms"],
         rows,
     )
 

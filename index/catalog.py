@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ingestion.errors import CatalogError, GenerationError, NotFound
 from ingestion.models import Chunk
 
-from .lexical import LexicalIndex, lexical_index_for, query_terms
+from .lexical import LexicalIndex, drop_common_terms, lexical_index_for, query_terms
 
 __all__ = [
     "Catalog",
@@ -61,6 +62,9 @@ VectorArray = npt.NDArray[np.float32]
 IdArray = npt.NDArray[np.int64]
 
 _BATCH = 500  # rows per IN (...) list, safely under every database's limit
+# Word counts of lexical search: how long one is trusted, and how many are kept.
+_COUNTS_TTL = 300.0
+_COUNTS_CACHE_SIZE = 100_000
 
 
 def utcnow() -> datetime:
@@ -305,6 +309,8 @@ class Catalog:
             self._lexical: LexicalIndex = lexical_index_for(
                 self._engine.dialect.name, chunks
             )
+            # (generation, term) -> (chunks holding it, when counted); "" is the total.
+            self._counts_cache: dict[tuple[int, str], tuple[int, float]] = {}
             with self._engine.begin() as conn:
                 self._lexical.prepare(conn)
         except SQLAlchemyError as err:
@@ -798,7 +804,13 @@ class Catalog:
         return found
 
     def lexical_search(
-        self, generation_id: int, query: str, k: int
+        self,
+        generation_id: int,
+        query: str,
+        k: int,
+        *,
+        common_share: float = 1.0,
+        common_min_chunks: int = 0,
     ) -> list[tuple[int, float]]:
         """The ``k`` live chunks of a generation that best match ``query`` in words.
 
@@ -807,13 +819,46 @@ class Catalog:
         a chunk matches when it holds any of the query's words (stemmed, so
         ``caching`` finds ``cached``); common English words are ignored, and a
         query with no other words, or ``k`` below 1, returns [].
+
+        In a generation of at least ``common_min_chunks`` chunks, words held
+        by more than ``common_share`` of them are left out while rarer words
+        remain (see :func:`~index.lexical.drop_common_terms`). The counts are
+        cached for a few minutes per generation and word.
         """
         terms = query_terms(query)
         if not terms or k < 1:
             return []
         with self._tx() as conn:
             self._lexical.ensure(conn, generation_id)
+            if common_share < 1.0 and len(terms) > 1:
+                total, counts = self._term_counts(conn, generation_id, terms)
+                terms = drop_common_terms(
+                    terms, counts, total, common_share, common_min_chunks
+                )
             return self._lexical.search(conn, generation_id, terms, k)
+
+    def _term_counts(
+        self, conn: Connection, generation_id: int, terms: list[str]
+    ) -> tuple[int, list[int]]:
+        """(chunks, chunks holding each term), from the cache where it is fresh."""
+        now = time.monotonic()
+        cache = self._counts_cache
+        if len(cache) > _COUNTS_CACHE_SIZE:
+            cache.clear()
+        wanted = [(generation_id, t) for t in ["", *terms]]
+        missing = [
+            key for key in wanted if now - cache.get(key, (0, -1e9))[1] > _COUNTS_TTL
+        ]
+        if missing:
+            total, counts = self._lexical.counts(
+                conn, generation_id, [t for _, t in missing if t]
+            )
+            fresh = dict(zip([t for _, t in missing if t], counts, strict=True))
+            fresh[""] = total
+            for _, term in missing:
+                cache[(generation_id, term)] = (fresh[term], now)
+        values = [cache[key][0] for key in wanted]
+        return values[0], values[1:]
 
     def rebuild_lexical(self, generation_id: int) -> int:
         """Rebuild a generation's lexical index from its chunk rows, in one transaction.

@@ -23,6 +23,14 @@ the full-text query language as typed: :func:`query_terms` keeps the words,
 drops common English ones, and the search matches chunks holding any of the
 remaining words (each one a phrase, so ``lru_cache`` must appear as
 ``lru`` followed by ``cache``).
+
+A search costs time in proportion to the chunks its words match, since every
+match is scored before the best are kept. Words found in a large share of a
+big collection (``value``, ``return`` in a programming manual) match tens of
+thousands of chunks while saying little about any one of them: bm25 weighs
+them by the log of their rarity. :func:`drop_common_terms` leaves such words
+out when rarer ones remain, using the counts :meth:`LexicalIndex.counts`
+reads (the catalog caches them).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ __all__ = [
     "PostgresLexicalIndex",
     "SqliteLexicalIndex",
     "UnsupportedLexicalIndex",
+    "drop_common_terms",
     "lexical_index_for",
     "query_terms",
 ]
@@ -104,6 +113,33 @@ def query_terms(query: str) -> list[str]:
     return list(terms)
 
 
+def drop_common_terms(
+    terms: Sequence[str],
+    counts: Sequence[int],
+    total: int,
+    max_share: float,
+    min_chunks: int,
+) -> list[str]:
+    """``terms`` without those held by more than ``max_share`` of ``total`` chunks.
+
+    ``counts[i]`` is the number of chunks holding ``terms[i]``. Nothing is
+    dropped from a collection smaller than ``min_chunks``, where every search
+    is fast anyway, and a query never loses all its words: when every word is
+    common the rarest one stays.
+
+    >>> drop_common_terms(["value", "lru_cache"], [30_000, 40], 100_000, 0.05, 10_000)
+    ['lru_cache']
+    """
+    if total < min_chunks or len(terms) < 2:
+        return list(terms)
+    limit = max_share * total
+    kept = [t for t, n in zip(terms, counts, strict=True) if n <= limit]
+    if kept:
+        return kept
+    rarest = min(range(len(terms)), key=lambda i: counts[i])
+    return [terms[rarest]]
+
+
 class LexicalIndex(Protocol):
     """The full-text index of one catalog database.
 
@@ -139,6 +175,15 @@ class LexicalIndex(Protocol):
         self, conn: Connection, generation_id: int, terms: Sequence[str], k: int
     ) -> list[tuple[int, float]]:
         """(vector id, score) of the ``k`` best live chunks holding any of ``terms``."""
+
+    def counts(
+        self, conn: Connection, generation_id: int, terms: Sequence[str]
+    ) -> tuple[int, list[int]]:
+        """(chunks indexed, chunks holding each term), in every state.
+
+        Chunks of all states are counted: the figures only need to be close,
+        and a generation's chunks are nearly all live.
+        """
 
 
 def lexical_index_for(dialect: str, chunks: sa.Table) -> LexicalIndex:
@@ -257,6 +302,23 @@ class SqliteLexicalIndex:
             if len(found) >= k or len(head) < depth:
                 return found[:k]
             depth *= 4
+
+    def counts(
+        self, conn: Connection, generation_id: int, terms: Sequence[str]
+    ) -> tuple[int, list[int]]:
+        """Counts the FTS5 matches of each term; the catalog caches the answers.
+
+        Counting reads a term's list of chunks without scoring them, a small
+        fraction of the cost of ranking them.
+        """
+        name = self.table_name(generation_id)
+        total = conn.execute(sa.text(f'SELECT count(*) FROM "{name}_docsize"')).scalar()
+        counted = sa.text(f'SELECT count(*) FROM "{name}" WHERE "{name}" MATCH :m')
+        found = [
+            int(conn.execute(counted, {"m": f'"{term}"'}).scalar() or 0)
+            for term in terms
+        ]
+        return int(total or 0), found
 
     def _live(
         self, conn: Connection, generation_id: int, vector_ids: list[int]
@@ -398,6 +460,28 @@ class PostgresLexicalIndex:
         )
         return [(int(vid), float(score)) for vid, score in rows]
 
+    def counts(
+        self, conn: Connection, generation_id: int, terms: Sequence[str]
+    ) -> tuple[int, list[int]]:
+        """Counts each term through the GIN index; the catalog caches the answers."""
+        chunks = self._chunks
+        total = conn.execute(
+            sa.select(sa.func.count()).where(chunks.c.generation_id == generation_id)
+        ).scalar_one()
+        counted = sa.text(
+            f"SELECT count(*) FROM {chunks.name} WHERE generation_id = :generation "
+            f"AND {self.COLUMN} @@ to_tsquery('english', :term)"
+        )
+        found = [
+            int(
+                conn.execute(
+                    counted, {"generation": generation_id, "term": t}
+                ).scalar_one()
+            )
+            for t in terms
+        ]
+        return int(total), found
+
 
 class UnsupportedLexicalIndex:
     """Stands in on databases other than SQLite and PostgreSQL.
@@ -429,6 +513,11 @@ class UnsupportedLexicalIndex:
 
     def rebuild(self, conn: Connection, generation_id: int) -> int:
         return 0
+
+    def counts(
+        self, conn: Connection, generation_id: int, terms: Sequence[str]
+    ) -> tuple[int, list[int]]:
+        return 0, [0 for _ in terms]
 
     def search(
         self, conn: Connection, generation_id: int, terms: Sequence[str], k: int

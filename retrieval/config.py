@@ -43,12 +43,32 @@ class RetrievalConfig(StrictModel):
     """How passages are found and ranked."""
 
     mode: SearchMode = "hybrid"
+    fusion: Literal["rrf", "convex"] = Field(
+        default="convex",
+        description="How hybrid search merges the dense and lexical lists: "
+        "reciprocal rank fusion (ranks only), or a convex combination of their "
+        "scores rescaled to [0, 1].",
+    )
     dense_weight: float = Field(default=1.0, ge=0)
     lexical_weight: float = Field(default=1.0, ge=0)
     rrf_k: int = Field(
         default=60,
         ge=1,
         description="Reciprocal rank fusion constant: larger flattens the rank curve.",
+    )
+    lexical_common_share: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description="Lexical search leaves out query words held by more than this "
+        "share of a collection's chunks while rarer words remain: they say little "
+        "about relevance and cost time in proportion to the chunks they match. "
+        "1 keeps every word.",
+    )
+    lexical_common_min_chunks: int = Field(
+        default=10_000,
+        ge=0,
+        description="Collections smaller than this keep every query word.",
     )
     candidates: int = Field(
         default=50,

@@ -34,7 +34,11 @@ from ingestion.errors import RequestError
 
 from .config import RetrievalConfig, SearchMode
 from .filters import AccessScope, Filterable, SearchFilters
-from .fusion import maximal_marginal_relevance, reciprocal_rank_fusion
+from .fusion import (
+    convex_fusion,
+    maximal_marginal_relevance,
+    reciprocal_rank_fusion,
+)
 from .rerank import Reranker
 
 __all__ = ["Retriever", "SearchHit", "SearchPlan"]
@@ -223,10 +227,19 @@ class Retriever:
         if mode != "lexical" and vector is not None:
             dense = [(h.id, h.score) for h in self._index.search(vector, depth)[0]]
         if mode != "dense":
-            lexical = self._catalog.lexical_search(self._generation.id, query, depth)
+            lexical = self._lexical_search(query, depth)
         ids = {vid for vid, _ in dense} | {vid for vid, _ in lexical}
         records = self._catalog.live_chunks(self._generation.id, sorted(ids))
         return _Candidates(dense, lexical, records)
+
+    def _lexical_search(self, query: str, depth: int) -> list[tuple[int, float]]:
+        return self._catalog.lexical_search(
+            self._generation.id,
+            query,
+            depth,
+            common_share=self._config.lexical_common_share,
+            common_min_chunks=self._config.lexical_common_min_chunks,
+        )
 
     def _drop_invisible(self, plan: SearchPlan) -> None:
         found = plan.candidates
@@ -264,8 +277,8 @@ class Retriever:
             hits = self._index.search(plan.vector, plan.depth, allowed_ids=allowed)[0]
             found.dense = [(h.id, h.score) for h in hits]
         if self._lexical_short(plan):
-            found.lexical = self._catalog.lexical_search(
-                self._generation.id, plan.query, plan.depth * _LEXICAL_DEEPENING
+            found.lexical = self._lexical_search(
+                plan.query, plan.depth * _LEXICAL_DEEPENING
             )
         missing = {v for v, _ in found.dense + found.lexical} - checked
         more = self._catalog.live_chunks(self._generation.id, sorted(missing))
@@ -278,12 +291,15 @@ class Retriever:
             return dense
         if mode == "lexical":
             return lexical
+        weights = {
+            "dense": self._config.dense_weight,
+            "lexical": self._config.lexical_weight,
+        }
+        if self._config.fusion == "convex":
+            return convex_fusion({"dense": dense, "lexical": lexical}, weights)
         return reciprocal_rank_fusion(
             {"dense": [v for v, _ in dense], "lexical": [v for v, _ in lexical]},
-            {
-                "dense": self._config.dense_weight,
-                "lexical": self._config.lexical_weight,
-            },
+            weights,
             self._config.rrf_k,
         )
 

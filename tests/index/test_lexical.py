@@ -286,6 +286,39 @@ def test_k_limits_the_results(catalog: Catalog) -> None:
     assert catalog.lexical_search(gen_id, "zeppelin", 0) == []
 
 
+def test_common_words_are_left_out_when_rarer_ones_remain(catalog: Catalog) -> None:
+    gen_id = catalog.create_generation("docs", "fp", {}, "faiss").id
+    # "value" is in 19 of 20 chunks, "zeppelin" in one: with the common word
+    # left out, only the chunk with the rare word matches.
+    texts = [f"The value number {i} of the table." for i in range(19)]
+    [*_, rare] = _publish(catalog, gen_id, "s:a", [*texts, "A zeppelin value."])
+
+    every_word = catalog.lexical_search(gen_id, "zeppelin value", 50)
+    rare_only = catalog.lexical_search(
+        gen_id, "zeppelin value", 50, common_share=0.5, common_min_chunks=10
+    )
+
+    assert len(every_word) == 20, every_word
+    assert _ids(rare_only) == [rare], rare_only
+
+
+def test_common_words_stay_in_small_collections_and_alone(catalog: Catalog) -> None:
+    gen_id = catalog.create_generation("docs", "fp", {}, "faiss").id
+    _publish(catalog, gen_id, "s:a", [f"The value number {i}." for i in range(19)])
+    _publish(catalog, gen_id, "s:b", ["A zeppelin value.", "More value here."])
+
+    small = catalog.lexical_search(
+        gen_id, "zeppelin value", 50, common_share=0.5, common_min_chunks=1000
+    )
+    # Every word common: the rarest one ("number", in 19 of 21) is searched.
+    all_common = catalog.lexical_search(
+        gen_id, "value number", 50, common_share=0.1, common_min_chunks=10
+    )
+
+    assert len(small) == 21, small
+    assert len(all_common) == 19, all_common
+
+
 def test_reopening_the_catalog_keeps_the_lexical_index(catalog_url: str) -> None:
     first = Catalog(catalog_url)
     gen_id = first.create_generation("docs", "fp", {}, "faiss").id

@@ -28,7 +28,11 @@ from ingestion.pipeline import Pipeline
 from retrieval.batching import QueryEmbedder
 from retrieval.config import BatchingConfig, RerankConfig, RetrievalConfig
 from retrieval.filters import AccessScope, SearchFilters
-from retrieval.fusion import maximal_marginal_relevance, reciprocal_rank_fusion
+from retrieval.fusion import (
+    convex_fusion,
+    maximal_marginal_relevance,
+    reciprocal_rank_fusion,
+)
 from retrieval.rerank import CrossEncoderReranker
 from retrieval.retriever import Retriever
 
@@ -108,7 +112,7 @@ def test_lexical_search_finds_a_rare_exact_term(corpus: Corpus) -> None:
     assert corpus.uris(hits)[:1] == ["vpn.md"], corpus.uris(hits)
 
 
-def test_hybrid_scores_come_from_rank_fusion(corpus: Corpus) -> None:
+def test_hybrid_scores_come_from_fusion_of_both_lists(corpus: Corpus) -> None:
     hits = corpus.retriever.search("replace the backup battery", 3, mode="hybrid")
     assert hits[0].dense_score is not None and hits[0].lexical_score is not None
     assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
@@ -218,6 +222,30 @@ def test_rank_fusion_rewards_agreement_and_honours_weights() -> None:
         {"dense": ["a", "b"], "lexical": ["b", "z"]}, {"dense": 1.0, "lexical": 0.0}
     )
     assert [item for item, _ in only_dense] == ["a", "b"]
+
+
+def test_convex_fusion_keeps_score_gaps_and_honours_weights() -> None:
+    dense = [("a", 0.9), ("b", 0.5), ("c", 0.49)]
+    lexical = [("c", 12.0), ("b", 11.0), ("d", 2.0)]
+
+    fused = convex_fusion(
+        {"dense": dense, "lexical": lexical}, {"dense": 1, "lexical": 1}
+    )
+    dense_only = convex_fusion(
+        {"dense": dense, "lexical": lexical}, {"dense": 1, "lexical": 0}
+    )
+
+    # c: 0 + 1 = 1; b: 0.024 + 0.9 = 0.924; a: 1 + 0 = 1 (first seen wins ties).
+    assert [item for item, _ in fused][:3] == ["a", "c", "b"], fused
+    assert all(0.0 <= score <= 1.0 for _, score in fused), fused
+    assert [item for item, _ in dense_only][:3] == ["a", "b", "c"], dense_only
+
+
+def test_convex_fusion_setting_is_used_by_hybrid_search(corpus: Corpus) -> None:
+    retriever = _with_config(corpus, RetrievalConfig(fusion="convex"))
+    hits = retriever.search("office kettle", 3, mode="hybrid")
+    assert hits, "hybrid search with convex fusion found nothing"
+    assert all(0.0 <= h.score <= 1.0 for h in hits), hits
 
 
 def test_mmr_setting_diversifies_results(corpus: Corpus) -> None:
