@@ -18,7 +18,13 @@ working for callers who do not know ragline::
     ├── RequestError (ValueError)         a request to the service is malformed or too large
     ├── AccessDenied (PermissionError)    the caller may not use this collection or model
     │   └── Unauthenticated               no valid credentials came with the request
-    └── ProviderError (RuntimeError)      a model provider failed, timed out or is missing
+    ├── ProviderError (RuntimeError)      a model provider failed, timed out or is missing
+    │   ├── UpstreamError                 one upstream target answered with an error
+    │   └── ProviderUnavailable           no target of a virtual model can take requests
+    └── Throttled                         the caller must wait before asking again
+        ├── BudgetExceeded                a token or cost budget is spent
+        ├── RateLimited                   too many requests or tokens per minute
+        └── LoopDetected                  the same request again and again
 
 Messages are sentences that name the thing at fault and say what to do.
 Always chain the cause: ``raise SourceError(...) from err``.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 __all__ = [
     "AccessDenied",
+    "BudgetExceeded",
     "CatalogError",
     "ConfigError",
     "DocumentError",
@@ -36,12 +43,17 @@ __all__ = [
     "FingerprintMismatch",
     "GenerationError",
     "IndexBackendError",
+    "LoopDetected",
     "NotFound",
     "ProviderError",
+    "ProviderUnavailable",
     "RaglineError",
+    "RateLimited",
     "RequestError",
     "SourceError",
+    "Throttled",
     "Unauthenticated",
+    "UpstreamError",
 ]
 
 
@@ -103,3 +115,84 @@ class ProviderError(RaglineError, RuntimeError):
 
 class Unauthenticated(AccessDenied):
     """A request came without credentials, or with credentials nobody issued."""
+
+
+class UpstreamError(ProviderError):
+    """One upstream target failed: an HTTP error status, a broken connection, a timeout.
+
+    ``status`` is the HTTP status (None when no response came), ``retry_after``
+    the seconds the upstream asked to wait (None when it did not say) and
+    ``retryable`` whether trying again, here or on another target, may help:
+    true for timeouts, connection errors, 408, 409, 429 and 5xx, false for
+    other 4xx, which would fail the same way anywhere.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        retryable: bool = True,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        self.retryable = retryable
+
+
+class ProviderUnavailable(ProviderError):
+    """Every target of a virtual model is failing or cooling down (HTTP 503).
+
+    ``retry_after`` is the number of seconds until the first target may be
+    tried again.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Throttled(RaglineError):
+    """The caller must wait before asking again (HTTP 429).
+
+    ``retry_after`` is the number of seconds to wait; subclasses add what was
+    exceeded.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BudgetExceeded(Throttled):
+    """A token or cost budget of a team or key is spent until it resets.
+
+    ``budget`` names it (for example ``team:search/tokens/day``), ``limit``
+    and ``spent`` are in its unit and ``resets_at`` is a timezone-aware
+    datetime.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        budget: str,
+        limit: float,
+        spent: float,
+        resets_at: object,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.budget = budget
+        self.limit = limit
+        self.spent = spent
+        self.resets_at = resets_at
+
+
+class RateLimited(Throttled):
+    """Too many requests or tokens per minute for a key or team."""
+
+
+class LoopDetected(Throttled):
+    """The same key sent the same request too many times in a short window."""

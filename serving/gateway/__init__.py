@@ -8,6 +8,7 @@ routing core knows nothing of retrieval.
 
 from .llamacpp import LlamaCppConfig, LlamaCppProvider, packaged_model_path
 from .providers import (
+    Attempt,
     ChatMessage,
     GenerationRequest,
     GenerationResult,
@@ -20,6 +21,7 @@ from .providers import (
 )
 
 __all__ = [
+    "Attempt",
     "ChatMessage",
     "GenerationRequest",
     "GenerationResult",

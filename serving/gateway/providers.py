@@ -36,10 +36,12 @@ from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 from ingestion.errors import ConfigError, ProviderError, RequestError
 
 __all__ = [
+    "Attempt",
     "ChatMessage",
     "GenerationRequest",
     "GenerationResult",
     "Provider",
+    "Repacker",
     "Role",
     "ScriptedProvider",
     "StreamEvent",
@@ -48,6 +50,9 @@ __all__ = [
 ]
 
 Role = Literal["system", "user", "assistant"]
+
+Repacker: TypeAlias = Callable[[int, Callable[[str], int]], Sequence["ChatMessage"]]
+"""(prompt token budget, token counter) -> messages that fit the budget."""
 
 _ROLES = ("system", "user", "assistant")
 
@@ -74,10 +79,16 @@ class GenerationRequest:
     ``max_tokens`` of ``None`` leaves the limit to the provider's default;
     ``model`` of ``None`` lets the provider (or the routing core) choose.
     ``metadata`` travels with the request for logging and accounting (request
-    id, team, route) and never reaches the model. ``grammar`` is a GBNF
+    id, user, team, route) and never reaches the model. ``grammar`` is a GBNF
     grammar the answer should follow: a provider that can enforce one
     (llama.cpp) does; one that cannot sends the request without it, so callers
     must still check the answer's form.
+
+    ``repack`` lets a caller that built the prompt from parts (retrieved
+    passages) build it again for a smaller window: given a token budget for
+    the prompt and a target's token counter, it returns messages that fit.
+    A routing provider falling back to a target with a smaller context window
+    calls it instead of failing the request.
     """
 
     messages: Sequence[ChatMessage]
@@ -87,6 +98,7 @@ class GenerationRequest:
     model: str | None = None
     grammar: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    repack: Repacker | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen here; one stop string
@@ -119,18 +131,38 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try of one target while serving a request, for the audit record.
+
+    ``outcome`` is ``"ok"``, or what went wrong: ``"error"``, ``"timeout"``,
+    ``"rate_limited"`` (the upstream said 429), ``"breaker_open"`` (skipped
+    without a call) or ``"cancelled"``. ``status`` is the upstream's HTTP
+    status when there was one.
+    """
+
+    target: str
+    outcome: str
+    latency_ms: float
+    status: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationResult:
     """The answer: its text, token usage, the model that wrote it and why it stopped.
 
     ``finish_reason`` is ``"stop"`` when the model ended the answer itself or
     hit a stop sequence, and ``"length"`` when ``max_tokens`` or the context
-    window cut it short.
+    window cut it short. ``attempts`` lists the targets a routing provider
+    tried, in order, the last one being the one that answered; a provider
+    with a single target leaves it empty.
     """
 
     text: str
     usage: Usage
     model: str
     finish_reason: str
+    attempts: tuple[Attempt, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
