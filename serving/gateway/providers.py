@@ -135,9 +135,11 @@ class Attempt:
     """One try of one target while serving a request, for the audit record.
 
     ``outcome`` is ``"ok"``, or what went wrong: ``"error"``, ``"timeout"``,
-    ``"rate_limited"`` (the upstream said 429), ``"breaker_open"`` (skipped
-    without a call) or ``"cancelled"``. ``status`` is the upstream's HTTP
-    status when there was one.
+    ``"rate_limited"`` (the upstream said 429), ``"cancelled"``, or why the
+    target was passed over without a call: ``"breaker_open"``,
+    ``"saturated"`` (every concurrency slot busy) or ``"prompt_too_long"``
+    (the prompt cannot fit its context window). ``status`` is the upstream's
+    HTTP status when there was one.
     """
 
     target: str
