@@ -27,6 +27,8 @@ from ingestion.embedding import set_offline_environment
 from ingestion.errors import ConfigError, RaglineError
 from retrieval.config import SearchMode
 
+from .audit_cli import audit
+from .keys_cli import app as keys_app
 from .logs import configure_logging
 from .runtime import Runtime
 from .settings import CONFIG_ENV, Settings, load_settings
@@ -46,6 +48,8 @@ index_app = typer.Typer(
 sources_app = typer.Typer(help="Inspect sources and their freshness.")
 app.add_typer(index_app, name="index")
 app.add_typer(sources_app, name="sources")
+app.add_typer(keys_app, name="keys")
+app.command("audit")(audit)
 
 # Wide enough that tables are not cut when the output is a file or a pipe.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -93,11 +97,30 @@ def _configure_logging(settings: Settings) -> None:
             secrets.append(collection.qdrant.api_key.get_secret_value())
     if settings.serve.auth is not None:
         secrets += [k.key.get_secret_value() for k in settings.serve.auth.api_keys]
+    secrets += _gateway_secrets(settings)
     configure_logging(
         _state.log_level or settings.logging.level,
         json_format=settings.logging.json_format,
         secrets=secrets,
     )
+
+
+def _gateway_secrets(settings: Settings) -> list[str]:
+    """Keys, tokens and Redis URLs of the gateway settings, masked in every log."""
+    gateway = settings.gateway
+    urls = [
+        part.redis_url.get_secret_value()
+        for part in (gateway.budgets, gateway.rate_limits, gateway.loop_guard)
+    ]
+    found = [url for url in urls if "@" in url]  # only URLs with credentials
+    for provider in gateway.providers:
+        key = getattr(provider, "api_key", None)
+        if key is not None:
+            found.append(key.get_secret_value())
+    jwt = gateway.identity.jwt if gateway.identity is not None else None
+    if jwt is not None and jwt.secret is not None:
+        found.append(jwt.secret.get_secret_value())
+    return found
 
 
 # -- ingest ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ checks them against. ``create`` prints a key once: the key on stdout, so
 
 The settings file is the one given to ``ragline --config`` (or ``ragline
 keys --config``, or ``$RAGLINE_CONFIG``, or ``./ragline.yaml``). When the
-settings carry a policy (``serve.policy``), a key can only be created for a
+settings carry a policy (``gateway.policy``), a key can only be created for a
 team and roles the policy defines.
 """
 
@@ -233,14 +233,14 @@ def _check_grant(settings: Settings, team: str, roles: list[str]) -> None:
 
 
 def _policy_config(settings: Settings) -> PolicyConfig | None:
-    """The policy of the settings (``serve.policy``), if they carry one."""
-    policy = getattr(settings.serve, "policy", None)
+    """The policy of the settings (``gateway.policy``), if they carry one."""
+    policy = settings.gateway.policy
     return policy if isinstance(policy, PolicyConfig) else None
 
 
 def _api_keys_config(settings: Settings) -> ApiKeysConfig:
-    """The key settings (``serve.identity.api_keys``), or their defaults."""
-    identity = getattr(settings.serve, "identity", None)
+    """The key settings (``gateway.identity.api_keys``), or their defaults."""
+    identity = settings.gateway.identity
     if isinstance(identity, IdentityConfig) and identity.api_keys is not None:
         return identity.api_keys
     return ApiKeysConfig()

@@ -30,17 +30,36 @@ from ingestion.errors import GenerationError
 from retrieval.batching import QueryEmbedder
 from retrieval.rerank import CrossEncoderReranker, Reranker
 from retrieval.retriever import Retriever
+from serving.admin_api import admin_router
 from serving.app import Readiness, create_app
 from serving.auth import Authenticator
 from serving.cache import AnswerCache, open_answer_cache
+from serving.gateway.anthropic import AnthropicProvider
+from serving.gateway.audit import AuditLog
+from serving.gateway.budgets import Budgets
+from serving.gateway.config import GatewayConfig, LlamaCppTargetConfig
+from serving.gateway.core import Gateway
+from serving.gateway.identity import Authenticator as Identities
 from serving.gateway.llamacpp import LlamaCppProvider
+from serving.gateway.loopguard import LoopGuard
+from serving.gateway.openai_compat import OpenAICompatibleProvider
+from serving.gateway.policy import Policy
 from serving.gateway.providers import Provider
+from serving.gateway.ratelimit import RateLimiter
+from serving.gateway.routing import (
+    Router,
+    RouterConfig,
+    TargetConfig,
+    VirtualModelConfig,
+)
+from serving.gateway.store import ApiKeyStore
 from serving.observability import Observer
+from serving.openai_api import openai_router
 from serving.service import AnswerService
 
 from .runtime import Runtime
 
-__all__ = ["LiveCollections", "build_app"]
+__all__ = ["LiveCollections", "build_app", "build_gateway"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +271,8 @@ def build_app(
     collections = LiveCollections(
         runtime, check_seconds=serve.index_check_seconds, reranker=reranker
     )
-    model = provider or LlamaCppProvider(serve.generator)
+    gateway = build_gateway(runtime, provider=provider)
+    model = gateway.provider
     answer_cache = cache or open_answer_cache(serve.cache)
     service = AnswerService(
         collections,
@@ -263,21 +283,23 @@ def build_app(
         max_question_chars=serve.max_question_chars,
         max_top_k=settings.retrieval.max_top_k,
         default_mode=settings.retrieval.mode,
+        model=gateway.ask_model,
     )
 
     async def start() -> None:
         states = await asyncio.to_thread(collections.open_all)
         for name, state in states.items():
             logger.info("collection: name=%s state=%s", name, state)
+        await gateway.start()
         if warm_up:
-            await asyncio.to_thread(_warm_up, model)
+            for target in gateway.router.targets().values():
+                await asyncio.to_thread(_warm_up, target)
             for name in collections.names():
                 await collections.query_embedder(name).embed("warm up")
 
     async def stop() -> None:
         await collections.close()
-        if provider is None:
-            await model.close()
+        await gateway.close()  # a given provider is borrowed, and stays open
         if cache is None:
             answer_cache.close()
         runtime.close()
@@ -285,7 +307,8 @@ def build_app(
     return create_app(
         service,
         observer=observer,
-        authenticator=Authenticator(serve.auth),
+        gateway=gateway,
+        routers=[openai_router(service, gateway), admin_router(gateway)],
         readiness=_ServiceReadiness(collections, model, observer),
         freshness=runtime.source_rows,
         max_request_bytes=serve.max_request_bytes,
@@ -298,3 +321,108 @@ def _warm_up(provider: Provider) -> None:
     warm = getattr(provider, "warm_up", None)
     if callable(warm):
         warm()
+
+
+# -- the gateway ------------------------------------------------------------------
+
+
+class _Borrowed:
+    """A provider the caller owns: the router uses it but never closes it."""
+
+    def __init__(self, inner: Provider) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    @property
+    def context_window(self) -> int:
+        return self._inner.context_window
+
+    def count_tokens(self, text: str) -> int:
+        return self._inner.count_tokens(text)
+
+    async def generate(self, request: Any) -> Any:
+        return await self._inner.generate(request)
+
+    def stream(self, request: Any) -> Any:
+        return self._inner.stream(request)
+
+    async def close(self) -> None:
+        """Leaves the provider open for its owner."""
+
+
+def _targets(settings: Any, provider: Provider | None) -> dict[str, Provider]:
+    config: GatewayConfig = settings.gateway
+    if provider is not None:
+        return {"local": _Borrowed(provider)}
+    if not config.providers:
+        return {"local": LlamaCppProvider(settings.serve.generator)}
+    targets: dict[str, Provider] = {}
+    for target in config.providers:
+        if isinstance(target, LlamaCppTargetConfig):
+            fields = target.model_dump(exclude={"type", "name"})
+            targets[target.name] = LlamaCppProvider(
+                settings.serve.generator.model_validate(fields)
+            )
+        elif target.type == "openai":
+            targets[target.name] = OpenAICompatibleProvider(target)
+        else:
+            targets[target.name] = AnthropicProvider(target)
+    return targets
+
+
+def build_gateway(runtime: Runtime, *, provider: Provider | None = None) -> Gateway:
+    """The governed core of these settings; ``provider`` replaces every target."""
+    settings = runtime.settings
+    config: GatewayConfig = settings.gateway
+    targets = _targets(settings, provider)
+    routing = config.routing
+    if routing is None or provider is not None:
+        routing = RouterConfig(
+            models=(
+                VirtualModelConfig(
+                    name="default",
+                    targets=tuple(
+                        TargetConfig(target=name, priority=i)
+                        for i, name in enumerate(targets)
+                    ),
+                ),
+            )
+        )
+    router = Router(routing, targets)
+    catalog_url = settings.catalog_url()
+    key_store = None
+    if config.identity is not None and config.identity.api_keys is not None:
+        key_store = ApiKeyStore.from_config(
+            runtime.catalog.engine, config.identity.api_keys
+        )
+    policy = Policy(
+        config.policy,
+        collections=[c.name for c in settings.collections],
+        models=router.models(),
+    )
+    return Gateway(
+        authenticator=Identities(config.identity, key_store=key_store),
+        policy=policy,
+        router=router,
+        budgets=Budgets.open(config.budgets, catalog_url)
+        if config.budgets.enabled
+        else None,
+        limiter=RateLimiter.open(config.rate_limits)
+        if config.rate_limits.enabled
+        else None,
+        loop_guard=LoopGuard.open(config.loop_guard)
+        if config.loop_guard.enabled
+        else None,
+        audit=AuditLog(catalog_url, config.audit) if config.audit.enabled else None,
+        ask_model=config.ask_model if routing is config.routing else None,
+        static_keys=Authenticator(settings.serve.auth)
+        if config.identity is None and settings.serve.auth is not None
+        else None,
+        key_store=key_store,
+    )

@@ -22,6 +22,7 @@ from ingestion.connectors.base import connector_for
 from ingestion.errors import ConfigError, NotFound
 from retrieval.config import RetrievalConfig
 from serving.config import ServeConfig
+from serving.gateway.config import GatewayConfig, LlamaCppTargetConfig
 
 __all__ = [
     "CONFIG_ENV",
@@ -58,6 +59,7 @@ class Settings(StrictModel):
     logging: LoggingConfig = LoggingConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
     serve: ServeConfig = ServeConfig()
+    gateway: GatewayConfig = GatewayConfig()
     collections: tuple[CollectionConfig, ...] = Field(min_length=1)
     sources: tuple[SourceConfig, ...] = ()
 
@@ -157,7 +159,23 @@ def _resolve_model_paths(settings: Settings, base_dir: Path) -> Settings:
             update={"model_path": resolved(serve.generator.model_path)}
         )
         serve = serve.model_copy(update={"generator": generator})
-    return settings.model_copy(update={"retrieval": retrieval, "serve": serve})
+    gateway = settings.gateway
+    providers = tuple(
+        p.model_copy(update={"model_path": resolved(p.model_path)})
+        if isinstance(p, LlamaCppTargetConfig) and p.model_path is not None
+        else p
+        for p in gateway.providers
+    )
+    identity = gateway.identity
+    if identity is not None and identity.jwt is not None and identity.jwt.jwks_file:
+        jwt = identity.jwt.model_copy(
+            update={"jwks_file": resolved(identity.jwt.jwks_file)}
+        )
+        identity = identity.model_copy(update={"jwt": jwt})
+    gateway = gateway.model_copy(update={"providers": providers, "identity": identity})
+    return settings.model_copy(
+        update={"retrieval": retrieval, "serve": serve, "gateway": gateway}
+    )
 
 
 def _read_yaml(file: Path) -> Any:

@@ -11,11 +11,19 @@ Routes:
   indexes open), ``GET /metrics`` (Prometheus), ``GET /freshness`` (per
   source: last sync, staleness, documents).
 
+Every governed route (``/ask``, ``/search`` and the routers mounted beside
+them: ``/v1/*``, ``/admin/*``) runs through the
+:class:`~serving.gateway.core.Gateway`: identity, policy, loop guard and rate
+limits before the work, budgets around the model call, one audit record
+after it.
+
 Errors are JSON ``{"error": message, "request_id": id}``: 400 for a
-malformed request, 401 without a valid key, 403 for a collection the caller
-may not use, 404 for an unknown collection, 413 for a body over
-``serve.max_request_bytes``, 422 for a body that does not fit the schema,
-502 when the model fails, 503 when a collection has no live generation yet.
+malformed request, 401 without a valid credential, 403 for a collection or
+model the caller may not use, 404 for an unknown collection or model, 413
+for a body over ``serve.max_request_bytes``, 422 for a body that does not
+fit the schema, 429 (with ``Retry-After``) when a budget, rate limit or the
+loop guard refuses, 502 when the model fails, 503 (with ``Retry-After``)
+when every model target is down or a collection has no live generation yet.
 Every request gets an id (the caller's ``X-Request-ID`` when it sends one),
 returned in the ``X-Request-ID`` header, and one INFO log line.
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -41,17 +50,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingestion.errors import (
     AccessDenied,
+    BudgetExceeded,
+    CatalogError,
     GenerationError,
     NotFound,
     ProviderError,
+    ProviderUnavailable,
     RaglineError,
     RequestError,
+    Throttled,
     Unauthenticated,
 )
 from retrieval.config import SearchMode
 from retrieval.filters import SearchFilters
 
-from .auth import Authenticator
+from .gateway.core import AuditMiddleware, Gateway, current_record
 from .gateway.providers import TokenDelta
 from .observability import Observer
 from .service import AnswerService, AskOutcome
@@ -148,7 +161,7 @@ def create_app(
     service: AnswerService,
     *,
     observer: Observer,
-    authenticator: Authenticator,
+    gateway: Gateway,
     readiness: Readiness | None = None,
     freshness: Callable[[], list[dict[str, Any]]] | None = None,
     max_request_bytes: int = 64 * 1024,
@@ -161,10 +174,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        if authenticator.is_open:
+        if gateway.is_open:
             logger.warning(
-                "the service runs open: no 'serve.auth' section in the settings, so "
-                "every caller is anonymous and sees public documents only"
+                "the service runs open: no 'gateway.identity' (or 'serve.auth') "
+                "section in the settings, so every caller is anonymous and sees "
+                "public documents only"
             )
         if on_startup is not None:
             await on_startup()
@@ -180,13 +194,18 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
+    # Added first, so it runs inside the request middleware and sees the request id.
+    app.add_middleware(AuditMiddleware, gateway=gateway)
     app.add_middleware(_RequestMiddleware, observer=observer, limit=max_request_bytes)
     _add_error_handlers(app)
 
     @app.post("/ask", response_model=AskResponse, responses={200: _SSE_RESPONSE})
     async def ask(body: AskRequest, request: Request) -> Any:
         """Answer a question from the passages the caller may see, with citations."""
-        caller = authenticator.caller(request.headers)
+        identity = await gateway.identify(request.headers)
+        caller = gateway.caller(identity, body.collection)
+        gateway.check_model(identity, gateway.ask_model)
+        await gateway.guard(identity, "/ask", body.model_dump(mode="json"))
         request_id = _request_id(request)
         arguments: dict[str, Any] = {
             "top_k": body.top_k,
@@ -200,6 +219,7 @@ def create_app(
                 body.question, body.collection, caller, **arguments
             )
             _log_outcome(request, outcome)
+            _audit_outcome(outcome)
             return outcome.to_json()
         events = service.ask_stream(body.question, body.collection, caller, **arguments)
         # Pull the first event before answering, so that a bad request is a
@@ -214,7 +234,9 @@ def create_app(
     @app.post("/search", response_model=SearchResponse)
     async def search(body: SearchRequest, request: Request) -> Any:
         """The passages best matching a query, best first, without an answer."""
-        caller = authenticator.caller(request.headers)
+        identity = await gateway.identify(request.headers)
+        caller = gateway.caller(identity, body.collection)
+        await gateway.guard(identity, "/search", body.model_dump(mode="json"))
         _log_fields(request, user=caller.user, collection=body.collection)
         hits = await service.search(
             body.query,
@@ -287,14 +309,30 @@ async def _sse(
         logger.warning(
             "stream failed: request_id=%s error=%s", _request_id(request), err
         )
+        record = current_record()
+        if record is not None:
+            record.error = str(err)
         payload = {"error": str(err), "request_id": _request_id(request)}
         yield f"event: error\ndata: {json.dumps(payload)}\n\n"
+
+
+def _audit_outcome(outcome: AskOutcome) -> None:
+    """Add what only the answer knows to the request's audit record."""
+    record = current_record()
+    if record is None:
+        return
+    record.cache_hit = outcome.cached
+    record.cited_chunk_ids = [c["chunk_id"] for c in outcome.citations]
+    record.stages.update({k: v for k, v in outcome.timings.items() if k != "total_ms"})
+    if outcome.cached:
+        record.model = record.model or outcome.model
 
 
 def _event(request: Request, event: TokenDelta | AskOutcome) -> str:
     if isinstance(event, TokenDelta):
         return f"event: token\ndata: {json.dumps({'text': event.text})}\n\n"
     _log_outcome(request, event)
+    _audit_outcome(event)
     return f"event: done\ndata: {json.dumps(event.to_json())}\n\n"
 
 
@@ -323,7 +361,10 @@ _STATUS: tuple[tuple[type[RaglineError], int], ...] = (
     (AccessDenied, 403),
     (NotFound, 404),
     (RequestError, 400),
+    (Throttled, 429),
     (GenerationError, 503),
+    (ProviderUnavailable, 503),
+    (CatalogError, 503),
     (ProviderError, 502),
 )
 
@@ -332,6 +373,25 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def ragline_error(request: Request, exc: Exception) -> JSONResponse:
         status = next((s for t, s in _STATUS if isinstance(exc, t)), 500)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None and status in (429, 503):
+            headers = {"Retry-After": str(max(1, math.ceil(retry_after)))}
+        record = current_record()
+        if record is not None and record.error is None:
+            record.error = str(exc)
+        if isinstance(exc, BudgetExceeded):
+            return _error(
+                request,
+                status,
+                str(exc),
+                headers=headers,
+                extra={
+                    "budget": exc.budget,
+                    "limit": exc.limit,
+                    "spent": exc.spent,
+                    "resets_at": _iso(exc.resets_at),
+                },
+            )
         if status >= 500:
             logger.warning(
                 "request failed: request_id=%s status=%d error=%s",
@@ -373,6 +433,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+def _iso(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
 def _describe(error: Any) -> str:
     where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
     return f"{where or 'body'}: {error.get('msg', 'invalid')}"
@@ -385,10 +449,13 @@ def _error(
     *,
     headers: dict[str, str] | None = None,
     detail: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"error": message, "request_id": _request_id(request)}
     if detail is not None:
         body["detail"] = detail
+    if extra:
+        body.update(extra)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

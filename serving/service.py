@@ -43,6 +43,7 @@ from retrieval.retriever import Retriever, SearchHit
 
 from .cache.base import AnswerCache, CacheScope
 from .gateway.providers import (
+    ChatMessage,
     GenerationRequest,
     GenerationResult,
     Provider,
@@ -100,6 +101,13 @@ class CollectionDirectory(Protocol):
     ) -> dict[str, str | None]:
         """The content hash of each document in the live generation (None if gone)."""
         ...
+
+
+@dataclass
+class _Packing:
+    """The passages a request shows its model; a fallback may pack them again."""
+
+    packed: Any
 
 
 @dataclass
@@ -178,9 +186,11 @@ class AnswerService:
         max_question_chars: int = 2000,
         max_top_k: int = 50,
         default_mode: SearchMode = "hybrid",
+        model: str | None = None,
     ) -> None:
         self._directory = directory
         self._provider = provider
+        self._model = model
         self._prompt = prompt
         self._template = prompt.prompt_template()
         self._cache = cache
@@ -192,6 +202,10 @@ class AnswerService:
     @property
     def provider(self) -> Provider:
         return self._provider
+
+    def collections(self) -> list[str]:
+        """The names of the collections the service answers from."""
+        return self._directory.names()
 
     @property
     def cache(self) -> AnswerCache:
@@ -347,7 +361,7 @@ class AnswerService:
         relevant = self._relevant(hits)
         if relevant:
             with timer.stage("generate"), self._observer.span("generate"):
-                packed, request = self._generation_request(
+                packing, request = self._generation_request(
                     prepared, relevant, request_id
                 )
                 if stream:
@@ -358,6 +372,9 @@ class AnswerService:
                             result = event
                 else:
                     result = await self._provider.generate(request)
+                # A fallback model with a smaller window may have had the
+                # passages packed again: cite from what it was shown.
+                packed = packing.packed
 
         outcome = self._outcome(result, packed, relevant, request_id, timer)
         if result is not None and outcome.citations:
@@ -415,7 +432,7 @@ class AnswerService:
             collection=collection,
             generation=retriever.generation.id,
             prompt_version=self._prompt.prompt_version,
-            model=_model_name(self._provider),
+            model=self._model or _model_name(self._provider),
             top_k=top_k,
             mode=mode,
             access_labels=[f"scope:{caller.scope.fingerprint}"],
@@ -464,29 +481,48 @@ class AnswerService:
 
     def _generation_request(
         self, prepared: _Prepared, hits: Sequence[SearchHit], request_id: str
-    ) -> tuple[Any, GenerationRequest]:
+    ) -> tuple[_Packing, GenerationRequest]:
         passages = [_passage(hit, rank) for rank, hit in enumerate(hits)]
-        count = self._provider.count_tokens
-        budget = context_budget(
-            self._template,
-            prepared.question,
-            count,
-            self._provider.context_window,
-            self._prompt,
-        )
-        packed = pack_context(passages, count, budget)
+        packing = _Packing(self._pack(prepared, passages, self._provider.count_tokens))
+
+        def repack(
+            prompt_tokens: int, count: Callable[[str], int]
+        ) -> list[ChatMessage]:
+            window = prompt_tokens + self._prompt.reserve_answer_tokens
+            packing.packed = self._pack(prepared, passages, count, window)
+            return build_messages(self._template, prepared.question, packing.packed)
+
+        packed = packing.packed
         request = GenerationRequest(
             messages=build_messages(self._template, prepared.question, packed),
             max_tokens=self._prompt.reserve_answer_tokens,
             temperature=0.0,
+            model=self._model,
             grammar=(
                 citation_grammar(len(packed))
                 if self._template.cite_by_grammar and len(packed)
                 else None
             ),
             metadata={"request_id": request_id, "collection": prepared.collection},
+            repack=repack,
         )
-        return packed, request
+        return packing, request
+
+    def _pack(
+        self,
+        prepared: _Prepared,
+        passages: list[Passage],
+        count: Callable[[str], int],
+        window: int | None = None,
+    ) -> Any:
+        budget = context_budget(
+            self._template,
+            prepared.question,
+            count,
+            self._provider.context_window if window is None else window,
+            self._prompt,
+        )
+        return pack_context(passages, count, budget)
 
     def _outcome(
         self,
@@ -501,7 +537,7 @@ class AnswerService:
                 answer=UNKNOWN_ANSWER,
                 citations=[],
                 usage={"prompt_tokens": 0, "completion_tokens": 0},
-                model=_model_name(self._provider),
+                model=self._model or _model_name(self._provider),
                 request_id=request_id,
                 cached=False,
                 timings=timer.timings(),

@@ -575,6 +575,10 @@ class Router:
                 f"{', '.join(self._targets)}."
             ) from None
 
+    def targets(self) -> dict[str, Provider]:
+        """The target providers by name, in configured order."""
+        return {name: t.provider for name, t in self._targets.items()}
+
     def status(self) -> tuple[TargetStatus, ...]:
         """Every target's breaker state, moving latency and load."""
         return tuple(_status(t) for t in self._targets.values())
