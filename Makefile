@@ -28,12 +28,12 @@ demo: install
 ## The whole test suite, slow end-to-end tests included (what CI runs).
 test: install
 	bash .ci/services
-	bash bench/prepare
+	bash bench/prepare corpus
 	$(BIN)/python -m pytest -q
 
 ## The fast suite only.
 test-fast: install
-	bash bench/prepare
+	bash bench/prepare corpus
 	$(BIN)/python -m pytest -q -m "not slow"
 
 ## Benchmarks on the Python 3.11 HTML manual; prints figures with their baselines.
@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python bench/bench_retrieval.py
 	$(BIN)/python bench/bench_vectors.py --real-vectors bench/.cache/retrieval-vectors.npy
 	$(BIN)/python bench/bench_serving.py
+	$(BIN)/python bench/bench_gateway.py
 
 check: install
 	$(BIN)/ruff format --check .
