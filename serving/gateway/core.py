@@ -227,6 +227,9 @@ class Gateway:
         return self.check(lambda: self.policy.caller(identity))
 
     def check_model(self, identity: Identity, model: str) -> None:
+        record = _record.get()
+        if record is not None:
+            record.model = record.model or model
         self.check(lambda: self.policy.check_model(identity, model))
 
     def check_admin(self, identity: Identity) -> None:
@@ -355,6 +358,10 @@ class GovernedProvider:
             subjects, model, prompt, request.max_tokens or _DEFAULT_COMPLETION
         )
         return record, reservation
+
+    def estimate_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt tokens a budget reservation assumes for ``request``."""
+        return self._estimate(request)
 
     def _estimate(self, request: GenerationRequest) -> int:
         return sum(
