@@ -125,3 +125,23 @@ def test_overlap_must_be_smaller_than_chunk_size(tmp_path: Path) -> None:
 def test_no_collections_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="collections"):
         load_settings(_write(tmp_path, "sources: []\n"))
+
+
+def test_the_readme_gateway_example_is_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```yaml\ngateway:") + len("```yaml\n")
+    example = readme[start : readme.index("```", start)]
+    (tmp_path / "ragline.yaml").write_text(
+        "collections: [{name: docs}]\n" + example, encoding="utf-8"
+    )
+    monkeypatch.setenv("VLLM_KEY", "a-key-from-the-environment")
+
+    settings = load_settings(tmp_path / "ragline.yaml")
+
+    gateway = settings.gateway
+    assert [p.name for p in gateway.providers] == ["local", "vllm-a"]
+    assert gateway.routing is not None and gateway.ask_model == "chat"
+    assert gateway.identity is not None and gateway.identity.jwt is not None
+    assert gateway.identity.jwt.jwks_file == tmp_path / "jwks.json"
