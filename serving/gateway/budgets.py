@@ -18,15 +18,18 @@ the call failed. Example::
         await budgets.release(reservation)
         raise
     await budgets.settle(reservation, result.usage)
+    ...
+    await budgets.close()  # reports what the slices below served
 
 What holds:
 
 - A reservation is all or nothing: it holds every applicable budget, or none
   and raises :class:`~ingestion.errors.BudgetExceeded` naming the first
-  budget that cannot take it. The check and the hold are one atomic step in
+  budget that cannot take it. Every hold a store grants, to a reservation or
+  to a slice (below), is checked against the limit in one atomic step, in
   every store, so concurrent requests, in one process or many, never hold
   more than a limit between them.
-- Spend only grows through ``settle``. A call that used more than its
+- Spend only grows through settled use. A call that used more than its
   estimate is charged in full, so the recorded spend may pass a limit by the
   difference; every later reservation is then refused until the period
   resets.
@@ -37,35 +40,65 @@ What holds:
 - Periods are UTC calendar days and months; a reservation is charged to the
   period it was made in, even when it settles after midnight.
 
+Slices (``leases``, on by default) keep the store off the request path. A
+process takes a slice of a budget from the store in one atomic step: a hold
+like a reservation's, in the process's name, that expires ``leases.ttl_s``
+after it was last renewed. It then serves reservations from the slice in
+memory, returns the over-estimates of settled calls to it, and reports what
+it used as spend every ``leases.report_interval_s``, when the slice runs
+low, and at :meth:`Budgets.close`, renewing the slice at the same time. A
+slice is at most ``leases.fraction`` of what remains of the budget and at
+most ``leases.max_requests`` worst cases of the request that takes it, so it
+shrinks as the budget runs out; once it would hold fewer than
+``leases.min_requests`` worst cases, the process reserves each request
+exactly in the store, as it does with leases off. The bounds:
+
+- *Hard limit*: slices are holds, so the spend plus everything held, slices
+  included, never passes a limit (save for calls that used more than their
+  estimate, as above).
+- *Crash*: a process that dies loses the use it had not reported yet, at
+  most one slice per budget window (``max_requests`` worst cases, and at
+  most ``fraction`` of what remained when the slice was taken); its slices
+  stop counting ``ttl_s`` after their last renewal.
+- *Fragmentation*: a request may be refused while other processes hold
+  unused slices, at most one slice each. Each holder gives back what the
+  budget can no longer spare at its next report, and a slice its holder did
+  not use since the last report is given back whole, so within about two
+  report intervals the processes between them can spend the whole budget.
+- A report that fails in a way that leaves unknown whether the store applied
+  it (a timeout, say) is sent again, so such use may be counted twice, never
+  less. A process stops serving from a slice it could not renew for half of
+  ``ttl_s``, which leaves the other half for clocks of hosts that disagree.
+
 Three stores keep the counters behind :class:`BudgetStore`, and all pass one
 contract suite: :class:`SqlBudgetStore` in the catalog database (SQLite or
 PostgreSQL), :class:`RedisBudgetStore` for many replicas, and
-:class:`MemoryBudgetStore` for one process and for tests of callers.
-
-With the SQL store every reservation and settlement is one short write
-transaction in the catalog database: good for one host. Many replicas at a
-thousand requests per second want the Redis store, where each is one script
-run.
+:class:`MemoryBudgetStore` for one process and for tests of callers. With
+slices, each store sees a few renewals per second per process whatever the
+request rate; without them (or near a limit), one write per reservation and
+one per settlement. SQLite runs them on one thread of its own per process,
+so requests never wait on each other for its write lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+import concurrent.futures
 import logging
 import math
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import sqlalchemy as sa
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -77,12 +110,15 @@ from .providers import Usage
 __all__ = [
     "COST_SCALE",
     "Budget",
+    "BudgetLeasesConfig",
     "BudgetLimits",
     "BudgetStatus",
     "BudgetStore",
     "Budgets",
     "BudgetsConfig",
     "Hold",
+    "LeaseGrant",
+    "LeaseRequest",
     "MemoryBudgetStore",
     "ModelPrice",
     "RedisBudgetStore",
@@ -99,6 +135,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Metric = Literal["tokens", "cost"]
 Period = Literal["day", "month"]
 
@@ -109,6 +146,8 @@ COST_SCALE = 1_000_000_000
 # 2**53, which bounds a cost limit to about nine million currency units.
 _MAX_COST_LIMIT = 1_000_000.0
 _GC_INTERVAL_S = 60.0
+# Windows whose spend the facade remembers before it forgets ended ones.
+_FLOORS_KEPT = 4096
 
 
 # -- settings -------------------------------------------------------------------
@@ -148,6 +187,68 @@ class ModelPrice(StrictModel):
     output_per_million: float = Field(
         ge=0, description="Price of one million completion tokens."
     )
+
+
+class BudgetLeasesConfig(StrictModel):
+    """Slices of budgets held by each process, so reservations need no store I/O.
+
+    The defaults let a process serve a few dozen requests per store round
+    trip, while a budget with fewer than about ``min_requests / fraction``
+    (80) worst cases left is reserved exactly, request by request.
+    """
+
+    enabled: bool = Field(
+        default=True,
+        description="Serve reservations from slices held in memory; false "
+        "reserves every request in the store.",
+    )
+    fraction: float = Field(
+        default=0.05,
+        gt=0,
+        le=0.5,
+        description="A slice is at most this share of what remains of the "
+        "budget, so slices shrink as the budget runs out.",
+    )
+    max_requests: int = Field(
+        default=32,
+        ge=1,
+        description="A slice holds at most this many worst cases of the "
+        "request that takes it: what a crash may lose, per budget.",
+    )
+    min_requests: int = Field(
+        default=4,
+        ge=1,
+        description="A slice that would hold fewer worst cases than this is "
+        "not taken: near the limit requests are reserved exactly.",
+    )
+    report_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often a process reports the use of its slices as "
+        "spend and resizes them; an unused slice is given back.",
+    )
+    ttl_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A slice not renewed for this long (its process died) "
+        "stops counting. A process serves from a slice for at most half of "
+        "it after the last renewal; keep it above three report intervals.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BudgetLeasesConfig:
+        if self.min_requests > self.max_requests:
+            raise ValueError(
+                f"leases.min_requests ({self.min_requests}) is above "
+                f"leases.max_requests ({self.max_requests}); lower it"
+            )
+        if self.ttl_s < 3 * self.report_interval_s:
+            raise ValueError(
+                f"leases.ttl_s ({self.ttl_s:g}) must be at least three "
+                f"report intervals ({3 * self.report_interval_s:g}), so that "
+                "slices are renewed well before they expire"
+            )
+        return self
 
 
 class BudgetsConfig(StrictModel):
@@ -207,6 +308,11 @@ class BudgetsConfig(StrictModel):
         description="A reservation neither settled nor released (its process "
         "died) stops counting after this many seconds. Keep it above the "
         "longest model call.",
+    )
+    leases: BudgetLeasesConfig = Field(
+        default_factory=BudgetLeasesConfig,
+        description="Slices of budgets held by each process (see the module "
+        "docstring for what they bound).",
     )
     fail_open: bool = Field(
         default=False,
@@ -272,10 +378,54 @@ class Hold:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """A store's answer when a hold does not fit: which one, and what was in use."""
+    """A store's answer when a hold does not fit: which one, and what was in use.
+
+    ``used`` is the window's spend plus its holds; ``spent`` the spend alone,
+    when the store tells it (spend never shrinks within a window, so the
+    facade refuses later requests that cannot fit without asking again).
+    """
 
     index: int
     used: int
+    spent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """What a process asks of one budget window when it reports and renews its slice.
+
+    The store adds ``charge`` (use served from the slice) to the spend and
+    then holds ``keep`` for the process, of which ``free`` is unused room
+    and the rest calls in flight, plus a top-up: unused room up to the
+    *target*, the smallest of ``cap`` and ``fraction`` of the room left
+    beside the other holds and the calls in flight. A target below
+    ``minimum`` counts as none (reserve exactly). ``hold`` names the window
+    and its limit; its amount is not used.
+    """
+
+    hold: Hold
+    charge: int
+    keep: int
+    free: int
+    cap: int
+    minimum: int
+    fraction: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """A store's answer to a :class:`LeaseRequest`.
+
+    ``held`` is what the store now holds for the process in the window,
+    ``granted`` the unused room added to it, ``target`` the unused room the
+    budget can spare a process now (0: reserve exactly), and ``spent`` the
+    window's spend after the charge.
+    """
+
+    held: int
+    granted: int
+    target: int
+    spent: int
 
 
 @dataclass(eq=False)
@@ -293,6 +443,9 @@ class Reservation:
     holds: tuple[Hold, ...]
     counted: bool = True
     done: bool = field(default=False, repr=False)
+    # Per hold: whether it was served from this process's slice of the
+    # budget (settled in memory) or held in the store (settled there).
+    leased: tuple[bool, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +472,29 @@ def period_window(period: Period, now: datetime) -> tuple[str, datetime]:
     days = calendar.monthrange(now.year, now.month)[1]
     start = datetime(now.year, now.month, 1, tzinfo=UTC)
     return start.strftime("%Y-%m"), start + timedelta(days=days)
+
+
+def _size_slice(
+    request: LeaseRequest, spent: int, others: int, current: int
+) -> tuple[int, int, int]:
+    """What a store holds for a process after ``request``: ``(held, granted, target)``.
+
+    ``spent`` is the window's spend after the charge, ``others`` what the
+    other reservations and slices hold, ``current`` what the process held
+    until now. Unused room the process asks to keep is kept as is, unless
+    its hold expired meanwhile (``current`` below ``keep``): then only what
+    still fits under the limit is. The Redis script repeats this arithmetic.
+    """
+    in_flight = request.keep - request.free
+    room = request.hold.limit - spent - others - in_flight
+    free = request.free
+    if current < request.keep:
+        free = max(0, min(free, room))
+    target = min(request.cap, math.floor(request.fraction * room)) if room > 0 else 0
+    if target < request.minimum:
+        target = 0
+    granted = max(0, min(target - free, room - free))
+    return in_flight + free + granted, granted, target
 
 
 # -- the stores -----------------------------------------------------------------
@@ -355,6 +531,20 @@ class BudgetStore(Protocol):
     async def release(self, reservation_id: str, holds: Sequence[Hold]) -> None:
         """Drops the reservation's holds without charging anything."""
 
+    async def lease(
+        self,
+        lease_id: str,
+        requests: Sequence[LeaseRequest],
+        *,
+        now: float,
+        expires_at: float,
+    ) -> list[LeaseGrant]:
+        """Charges the use of ``lease_id``'s slices and resizes them, one window each.
+
+        Each window is one atomic step; the slice becomes a hold of the
+        lease that expires at ``expires_at``, or no hold when it is empty.
+        """
+
     async def usage(
         self, holds: Sequence[Hold], *, now: float
     ) -> list[tuple[int, int]]:
@@ -382,9 +572,10 @@ class MemoryBudgetStore:
     ) -> Refusal | None:
         with self._lock:
             for i, hold in enumerate(holds):
-                used = self._spent.get(hold.key, 0) + self._held(hold.key, now)
+                spent = self._spent.get(hold.key, 0)
+                used = spent + self._held(hold.key, now)
                 if used + hold.amount > hold.limit:
-                    return Refusal(i, used)
+                    return Refusal(i, used, spent)
             for hold in holds:
                 self._holds.setdefault(hold.key, {})[reservation_id] = (
                     hold.amount,
@@ -410,6 +601,17 @@ class MemoryBudgetStore:
             for hold in holds:
                 self._holds.get(hold.key, {}).pop(reservation_id, None)
 
+    async def lease(
+        self,
+        lease_id: str,
+        requests: Sequence[LeaseRequest],
+        *,
+        now: float,
+        expires_at: float,
+    ) -> list[LeaseGrant]:
+        with self._lock:
+            return [self._lease(lease_id, r, now, expires_at) for r in requests]
+
     async def usage(
         self, holds: Sequence[Hold], *, now: float
     ) -> list[tuple[int, int]]:
@@ -418,6 +620,22 @@ class MemoryBudgetStore:
 
     async def close(self) -> None:
         return None
+
+    def _lease(
+        self, lease_id: str, request: LeaseRequest, now: float, expires_at: float
+    ) -> LeaseGrant:
+        key = request.hold.key
+        held = self._held(key, now)
+        holds = self._holds.setdefault(key, {})
+        current = holds[lease_id][0] if lease_id in holds else 0
+        spent = self._spent.get(key, 0) + request.charge
+        self._spent[key] = spent
+        size, granted, target = _size_slice(request, spent, held - current, current)
+        if size:
+            holds[lease_id] = (size, expires_at)
+        else:
+            holds.pop(lease_id, None)
+        return LeaseGrant(size, granted, target, spent)
 
     def _held(self, key: str, now: float) -> int:
         holds = self._holds.get(key)
@@ -457,11 +675,14 @@ class SqlBudgetStore:
 
     Each step is one transaction. On SQLite it begins with ``BEGIN
     IMMEDIATE``, which takes the database's write lock before reading, so
-    transactions of every process using the file run one after the other. On
-    PostgreSQL the counter rows of the reservation are locked with ``SELECT
-    ... FOR UPDATE``, in one order, so concurrent reservations of the same
-    budgets wait for each other and never deadlock. The blocking work runs in
-    a worker thread; the event loop only waits.
+    transactions of every process using the file run one after the other;
+    within a process they run on one thread and connection of the store's
+    own, in the order they were asked for, so they never contend for the
+    lock with each other nor wait in SQLite's busy loop. On PostgreSQL the
+    counter rows of the step are locked with ``SELECT ... FOR UPDATE``, in
+    one order, so concurrent steps on the same budgets wait for each other
+    and never deadlock, and steps on other budgets run side by side on
+    worker threads. Either way the event loop only waits.
     """
 
     def __init__(self, url: str) -> None:
@@ -482,6 +703,8 @@ class SqlBudgetStore:
                 "is running."
             ) from err
         self._next_gc = 0.0
+        self._serial = self._dialect == "sqlite"
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def reserve(
         self,
@@ -491,7 +714,7 @@ class SqlBudgetStore:
         now: float,
         expires_at: float,
     ) -> Refusal | None:
-        return await asyncio.to_thread(
+        return await self._call(
             self.reserve_blocking, reservation_id, holds, now, expires_at
         )
 
@@ -503,18 +726,47 @@ class SqlBudgetStore:
         *,
         now: float,
     ) -> None:
-        await asyncio.to_thread(self.settle_blocking, reservation_id, holds, charges)
+        await self._call(self.settle_blocking, reservation_id, holds, charges)
 
     async def release(self, reservation_id: str, holds: Sequence[Hold]) -> None:
-        await asyncio.to_thread(self.release_blocking, reservation_id)
+        await self._call(self.release_blocking, reservation_id)
+
+    async def lease(
+        self,
+        lease_id: str,
+        requests: Sequence[LeaseRequest],
+        *,
+        now: float,
+        expires_at: float,
+    ) -> list[LeaseGrant]:
+        return await self._call(
+            self.lease_blocking, lease_id, requests, now, expires_at
+        )
 
     async def usage(
         self, holds: Sequence[Hold], *, now: float
     ) -> list[tuple[int, int]]:
-        return await asyncio.to_thread(self.usage_blocking, holds, now)
+        return await self._call(self.usage_blocking, holds, now)
 
     async def close(self) -> None:
-        self._engine.dispose()
+        executor, self._executor = self._executor, None
+        if executor is None:
+            self._engine.dispose()
+            return
+        # After the steps already queued, so none loses its connection.
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(executor, self._engine.dispose)
+        executor.shutdown(wait=False)
+
+    async def _call(self, step: Callable[..., T], *args: Any) -> T:
+        if not self._serial:
+            return await asyncio.to_thread(step, *args)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="ragline-budgets"
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, step, *args)
 
     # The blocking steps, for callers outside an event loop.
 
@@ -535,7 +787,7 @@ class SqlBudgetStore:
                 key = (hold.budget, hold.window)
                 used = spent.get(key, 0) + held.get(key, 0)
                 if used + hold.amount > hold.limit:
-                    return Refusal(i, used)
+                    return Refusal(i, used, spent.get(key, 0))
             conn.execute(
                 budget_holds.insert(),
                 [
@@ -564,20 +816,7 @@ class SqlBudgetStore:
                 )
             )
             self._ensure_counters(conn, keys)
-            by_key: dict[tuple[str, str], int] = {}
-            for hold, charge in zip(holds, charges, strict=True):
-                key = (hold.budget, hold.window)
-                by_key[key] = by_key.get(key, 0) + charge
-            for (budget, window), charge in sorted(by_key.items()):
-                if charge:
-                    conn.execute(
-                        budget_counters.update()
-                        .where(
-                            budget_counters.c.budget == budget,
-                            budget_counters.c.window_label == window,
-                        )
-                        .values(spent=budget_counters.c.spent + charge)
-                    )
+            self._charge(conn, list(zip(holds, charges, strict=True)))
 
     def release_blocking(self, reservation_id: str) -> None:
         """:meth:`release`, in the calling thread."""
@@ -587,6 +826,51 @@ class SqlBudgetStore:
                     budget_holds.c.reservation_id == reservation_id
                 )
             )
+
+    def lease_blocking(
+        self,
+        lease_id: str,
+        requests: Sequence[LeaseRequest],
+        now: float,
+        expires_at: float,
+    ) -> list[LeaseGrant]:
+        """:meth:`lease`, in the calling thread."""
+        keys = _window_keys([r.hold for r in requests])
+        with self._transaction("renew slices of") as conn:
+            self._ensure_counters(conn, keys)
+            spent = self._lock_counters(conn, keys)
+            held, mine = self._held_by(conn, keys, now, lease_id)
+            grants = []
+            for request in requests:
+                key = (request.hold.budget, request.hold.window)
+                spent[key] = spent.get(key, 0) + request.charge
+                current = mine.get(key, 0)
+                size, granted, target = _size_slice(
+                    request, spent[key], held.get(key, 0) - current, current
+                )
+                grants.append(LeaseGrant(size, granted, target, spent[key]))
+            self._charge(conn, [(r.hold, r.charge) for r in requests])
+            conn.execute(
+                budget_holds.delete().where(
+                    budget_holds.c.reservation_id == lease_id,
+                    _in_windows(budget_holds, keys),
+                )
+            )
+            rows = [
+                {
+                    "reservation_id": lease_id,
+                    "budget": r.hold.budget,
+                    "window_label": r.hold.window,
+                    "amount": grant.held,
+                    "expires_at": expires_at,
+                }
+                for r, grant in zip(requests, grants, strict=True)
+                if grant.held
+            ]
+            if rows:
+                conn.execute(budget_holds.insert(), rows)
+            self._collect_garbage(conn, now)
+        return grants
 
     def usage_blocking(
         self, holds: Sequence[Hold], now: float
@@ -599,11 +883,7 @@ class SqlBudgetStore:
                     budget_counters.c.budget,
                     budget_counters.c.window_label,
                     budget_counters.c.spent,
-                ).where(
-                    sa.tuple_(
-                        budget_counters.c.budget, budget_counters.c.window_label
-                    ).in_(keys)
-                )
+                ).where(_in_windows(budget_counters, keys))
             ).all()
             spent = {(b, w): int(s) for b, w, s in rows}
             held = self._held(conn, keys, now)
@@ -642,7 +922,7 @@ class SqlBudgetStore:
         table = budget_counters
         rows = conn.execute(
             sa.select(table.c.budget, table.c.window_label, table.c.spent)
-            .where(sa.tuple_(table.c.budget, table.c.window_label).in_(keys))
+            .where(_in_windows(table, keys))
             .order_by(table.c.budget, table.c.window_label)
             .with_for_update()
         ).all()
@@ -651,16 +931,45 @@ class SqlBudgetStore:
     def _held(
         self, conn: Connection, keys: list[tuple[str, str]], now: float
     ) -> dict[tuple[str, str], int]:
+        """What the live holds of each window add up to."""
+        return self._held_by(conn, keys, now, "")[0]
+
+    def _held_by(
+        self, conn: Connection, keys: list[tuple[str, str]], now: float, holder: str
+    ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+        """What the live holds of each window add up to, and those of ``holder``."""
         table = budget_holds
+        own = sa.case((table.c.reservation_id == holder, table.c.amount), else_=0)
         rows = conn.execute(
-            sa.select(table.c.budget, table.c.window_label, sa.func.sum(table.c.amount))
-            .where(
-                sa.tuple_(table.c.budget, table.c.window_label).in_(keys),
-                table.c.expires_at > now,
+            sa.select(
+                table.c.budget,
+                table.c.window_label,
+                sa.func.sum(table.c.amount),
+                sa.func.sum(own),
             )
+            .where(_in_windows(table, keys), table.c.expires_at > now)
             .group_by(table.c.budget, table.c.window_label)
         ).all()
-        return {(b, w): int(total or 0) for b, w, total in rows}
+        every = {(b, w): int(total or 0) for b, w, total, _ in rows}
+        theirs = {(b, w): int(mine or 0) for b, w, _, mine in rows}
+        return every, theirs
+
+    def _charge(self, conn: Connection, charges: Sequence[tuple[Hold, int]]) -> None:
+        """Adds each charge to its window's spend; the counter rows must exist."""
+        by_key: dict[tuple[str, str], int] = {}
+        for hold, charge in charges:
+            key = (hold.budget, hold.window)
+            by_key[key] = by_key.get(key, 0) + charge
+        for (budget, window), charge in sorted(by_key.items()):
+            if charge:
+                conn.execute(
+                    budget_counters.update()
+                    .where(
+                        budget_counters.c.budget == budget,
+                        budget_counters.c.window_label == window,
+                    )
+                    .values(spent=budget_counters.c.spent + charge)
+                )
 
     def _collect_garbage(self, conn: Connection, now: float) -> None:
         """Deletes expired holds now and then; they no longer count anyway."""
@@ -676,6 +985,14 @@ class SqlBudgetStore:
 
 def _window_keys(holds: Sequence[Hold]) -> list[tuple[str, str]]:
     return sorted({(h.budget, h.window) for h in holds})
+
+
+def _in_windows(table: sa.Table, keys: list[tuple[str, str]]) -> Any:
+    """``table``'s rows of these windows; one window (the usual case) needs no IN."""
+    if len(keys) == 1:
+        [(budget, window)] = keys
+        return sa.and_(table.c.budget == budget, table.c.window_label == window)
+    return sa.tuple_(table.c.budget, table.c.window_label).in_(keys)
 
 
 def _create_engine(url: str) -> Engine:
@@ -763,7 +1080,7 @@ for i = 1, n do
   local used = tonumber(state[1] or '0') + tonumber(state[2] or '0')
   local limit, amount = tonumber(ARGV[1 + 3 * i]), tonumber(ARGV[2 + 3 * i])
   if used + amount > limit then
-    return {i, used}
+    return {i, used, tonumber(state[1] or '0')}
   end
 end
 for i = 1, n do
@@ -777,7 +1094,7 @@ for i = 1, n do
   redis.call('EXPIRE', counter, ttl)
   redis.call('EXPIRE', expiries, ttl)
 end
-return {0, 0}
+return {0, 0, 0}
 """
 )
 
@@ -802,6 +1119,66 @@ for i = 1, #KEYS / 2 do
 end
 return 0
 """
+
+# The slice of lease ARGV[1]: the arithmetic of _size_slice, on Lua numbers
+# (doubles, exact for every amount below 2**53), written back as integers.
+_LEASE_LUA = (
+    _PURGE_LUA
+    + """
+local function int(x)
+  return string.format('%.0f', x)
+end
+local lid, now, until_ = ARGV[1], ARGV[2], ARGV[3]
+local result = {}
+for i = 1, #KEYS / 2 do
+  local counter, expiries = KEYS[2 * i - 1], KEYS[2 * i]
+  local at = 3 + 8 * (i - 1)
+  local limit, charge = tonumber(ARGV[at + 1]), ARGV[at + 2]
+  local keep, free = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+  local cap, minimum = tonumber(ARGV[at + 5]), tonumber(ARGV[at + 6])
+  local fraction, ttl = tonumber(ARGV[at + 7]), ARGV[at + 8]
+  purge(counter, expiries, now)
+  if charge ~= '0' then
+    redis.call('HINCRBY', counter, 'spent', charge)
+  end
+  local state = redis.call('HMGET', counter, 'spent', 'held', 'h:' .. lid)
+  local spent = tonumber(state[1] or '0')
+  local current = tonumber(state[3] or '0')
+  local others = tonumber(state[2] or '0') - current
+  local in_flight = keep - free
+  local room = limit - spent - others - in_flight
+  if current < keep then
+    free = math.max(0, math.min(free, room))
+  end
+  local target = 0
+  if room > 0 then
+    target = math.min(cap, math.floor(fraction * room))
+  end
+  if target < minimum then
+    target = 0
+  end
+  local granted = math.max(0, math.min(target - free, room - free))
+  local size = in_flight + free + granted
+  if size ~= current then
+    redis.call('HINCRBY', counter, 'held', int(size - current))
+  end
+  if size > 0 then
+    redis.call('HSET', counter, 'h:' .. lid, int(size))
+    redis.call('ZADD', expiries, until_, lid)
+  else
+    redis.call('HDEL', counter, 'h:' .. lid)
+    redis.call('ZREM', expiries, lid)
+  end
+  redis.call('EXPIRE', counter, ttl)
+  redis.call('EXPIRE', expiries, ttl)
+  result[4 * i - 3] = size
+  result[4 * i - 2] = granted
+  result[4 * i - 1] = target
+  result[4 * i] = spent
+end
+return result
+"""
+)
 
 _USAGE_LUA = (
     _PURGE_LUA
@@ -842,6 +1219,7 @@ class RedisBudgetStore:
         self._ttl_s = ttl_s
         self._reserve = self._client.register_script(_RESERVE_LUA)
         self._settle = self._client.register_script(_SETTLE_LUA)
+        self._lease = self._client.register_script(_LEASE_LUA)
         self._usage = self._client.register_script(_USAGE_LUA)
 
     async def reserve(
@@ -855,8 +1233,10 @@ class RedisBudgetStore:
         args: list[str] = [reservation_id, repr(now), repr(expires_at)]
         for hold in holds:
             args += [str(hold.limit), str(hold.amount), self._key_ttl(hold, now)]
-        index, used = await self._run(self._reserve, "reserve", holds, args)
-        return None if index == 0 else Refusal(int(index) - 1, int(used))
+        index, used, spent = await self._run(self._reserve, "reserve", holds, args)
+        if index == 0:
+            return None
+        return Refusal(int(index) - 1, int(used), int(spent))
 
     async def settle(
         self,
@@ -876,6 +1256,33 @@ class RedisBudgetStore:
         for _hold in holds:
             args += ["0", "1"]
         await self._run(self._settle, "release", holds, args)
+
+    async def lease(
+        self,
+        lease_id: str,
+        requests: Sequence[LeaseRequest],
+        *,
+        now: float,
+        expires_at: float,
+    ) -> list[LeaseGrant]:
+        args: list[str] = [lease_id, repr(now), repr(expires_at)]
+        for r in requests:
+            args += [
+                str(r.hold.limit),
+                str(r.charge),
+                str(r.keep),
+                str(r.free),
+                str(r.cap),
+                str(r.minimum),
+                repr(r.fraction),
+                self._key_ttl(r.hold, now),
+            ]
+        holds = [r.hold for r in requests]
+        values = await self._run(self._lease, "renew slices of", holds, args)
+        return [
+            LeaseGrant(*(int(v) for v in values[4 * i : 4 * i + 4]))
+            for i in range(len(requests))
+        ]
 
     async def usage(
         self, holds: Sequence[Hold], *, now: float
@@ -981,6 +1388,371 @@ def open_budget_store(config: BudgetsConfig, catalog_url: str) -> BudgetStore:
     return SqlBudgetStore(catalog_url)
 
 
+# -- slices ---------------------------------------------------------------------
+
+# How a slice is renewed: "refill" gives back its unused room and asks for a
+# fresh slice (a request did not fit); "report" charges its use, shrinks it
+# to what the budget last said it can spare and tops it up; "idle" and
+# "close" charge its use and give back all its unused room.
+_Plan = Literal["refill", "report", "idle", "close"]
+
+
+@dataclass(eq=False)
+class _Lease:
+    """This process's slice of one budget window, and what it serves.
+
+    ``size`` is what the store holds for the process. Invariant, outside a
+    renewal: ``size`` equals the store's hold, and ``used`` plus the calls in
+    flight stay within it, save for calls that used more than reserved.
+    """
+
+    hold: Hold
+    size: int = 0
+    used: int = 0
+    in_flight: dict[str, tuple[int, float]] = field(default_factory=dict)
+    held_in_flight: int = 0
+    target: int = 0
+    unit: int = 1
+    valid_until: float = 0.0
+    exact_until: float = 0.0
+    active: bool = False
+    pending: asyncio.Task[None] | None = None
+
+    @property
+    def free(self) -> int:
+        return self.size - self.used - self.held_in_flight
+
+    def renewing(self) -> bool:
+        return self.pending is not None and not self.pending.done()
+
+    def serves(self, amount: int, now: float) -> bool:
+        return now < self.valid_until and self.free >= amount
+
+    def take(self, reservation_id: str, amount: int, expires_at: float) -> None:
+        self.in_flight[reservation_id] = (amount, expires_at)
+        self.held_in_flight += amount
+        self.active = True
+
+    def drop(self, reservation_id: str) -> None:
+        amount, _ = self.in_flight.pop(reservation_id, (0, 0.0))
+        self.held_in_flight -= amount
+
+    def expire(self, now: float) -> None:
+        """Forgets calls in flight past their reservation's TTL, as stores do."""
+        for rid in [r for r, (_, until) in self.in_flight.items() if until <= now]:
+            self.drop(rid)
+
+
+class _Leases:
+    """The slices this process holds, keyed by budget window.
+
+    Taking from and settling into a slice happen in memory, on the event
+    loop; renewals run as tasks, at most one per slice at a time, so a call
+    cancelled while it waits for one never leaves a slice half renewed. A
+    background task reports every ``report_interval_s`` while slices exist.
+    """
+
+    def __init__(
+        self,
+        config: BudgetLeasesConfig,
+        store: BudgetStore,
+        clock: Callable[[], float],
+        floors: dict[str, tuple[int, float]],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._floors = floors
+        self._id = f"lease:{uuid.uuid4().hex}"
+        self._table: dict[str, _Lease] = {}
+        self._reporter: asyncio.Task[None] | None = None
+        self._unreachable = WarningThrottle()
+        # Once closed, slices are only reported and given back, never taken.
+        self._closed = False
+
+    def slices(self) -> dict[str, tuple[int, int, int]]:
+        """``(size, used, in flight)`` per window key, for status and tests."""
+        return {k: (s.size, s.used, s.held_in_flight) for k, s in self._table.items()}
+
+    async def take(
+        self, reservation_id: str, holds: Sequence[Hold], expires_at: float
+    ) -> list[bool]:
+        """Serves what it can of ``holds`` from slices; says which it served.
+
+        A hold the slice cannot take, where a slice is worth having, waits
+        for a refill; the others are left for an exact reservation.
+        """
+        now = self._clock()
+        taken = [self._take(reservation_id, h, expires_at, now) for h in holds]
+        wanted = [
+            i
+            for i, hold in enumerate(holds)
+            if not taken[i] and self._worth_a_slice(hold, now)
+        ]
+        if not wanted:
+            return taken
+        try:
+            await self._refill([holds[i] for i in wanted])
+        except BaseException:
+            self.give_back(reservation_id, holds, taken)
+            raise
+        now = self._clock()
+        for i in wanted:
+            taken[i] = self._take(reservation_id, holds[i], expires_at, now)
+        return taken
+
+    def give_back(
+        self, reservation_id: str, holds: Sequence[Hold], taken: Sequence[bool]
+    ) -> None:
+        """Returns to their slices the holds of a reservation that did not happen."""
+        for hold, was_taken in zip(holds, taken, strict=False):
+            lease = self._table.get(hold.key)
+            if was_taken and lease is not None:
+                lease.drop(reservation_id)
+
+    def settle(self, reservation_id: str, hold: Hold, charge: int) -> bool:
+        """Moves a call's hold in its slice to the slice's use; false if no slice."""
+        lease = self._table.get(hold.key)
+        if lease is None:
+            return False
+        lease.drop(reservation_id)
+        lease.used += charge
+        self._prefetch(lease)
+        return True
+
+    async def flush(
+        self, keys: Collection[str] | None = None, *, closing: bool = False
+    ) -> None:
+        """Reports the use of the slices (of ``keys``, or all) and renews them."""
+        while True:
+            leases = [
+                lease
+                for key, lease in self._table.items()
+                if keys is None or key in keys
+            ]
+            busy = {
+                lease.pending
+                for lease in leases
+                if lease.pending is not None and not lease.pending.done()
+            }
+            if not busy:
+                break
+            await _wait_for(busy)
+        now = self._clock()
+        plans: list[tuple[_Lease, _Plan]] = []
+        for lease in leases:
+            lease.expire(now)
+            if lease.size == 0 and lease.used == 0 and not lease.in_flight:
+                del self._table[lease.hold.key]
+            elif closing or self._closed:
+                plans.append((lease, "close"))
+            elif not lease.active or now >= lease.hold.resets_at.timestamp():
+                plans.append((lease, "idle"))
+            else:
+                plans.append((lease, "report"))
+        if plans:
+            await _wait_for({self._renew_soon(plans)})
+
+    async def close(self) -> None:
+        """Stops the reporting task, then reports every slice and gives back the rest."""
+        self._closed = True
+        reporter, self._reporter = self._reporter, None
+        if reporter is not None and not reporter.done():
+            reporter.cancel()
+            await asyncio.wait([reporter])
+        await self.flush(closing=True)
+        for lease in self._table.values():
+            if lease.used:
+                logger.error(
+                    "budget use not reported, store unreachable: budget=%s "
+                    "window=%s use=%d",
+                    lease.hold.budget,
+                    lease.hold.window,
+                    lease.used,
+                )
+
+    # -- steps -----------------------------------------------------------------
+
+    def _take(
+        self, reservation_id: str, hold: Hold, expires_at: float, now: float
+    ) -> bool:
+        lease = self._table.get(hold.key)
+        if lease is None or not lease.serves(hold.amount, now):
+            return False
+        lease.take(reservation_id, hold.amount, expires_at)
+        self._prefetch(lease, hold.amount)
+        return True
+
+    def _worth_a_slice(self, hold: Hold, now: float) -> bool:
+        """Whether asking the store for a slice may serve this hold."""
+        if self._closed:
+            return False
+        lease = self._table.get(hold.key)
+        if lease is not None:
+            if lease.renewing() or lease.free > 0:
+                return True
+            if now < lease.exact_until:
+                return False
+        spent = self._floors.get(hold.key, (0, 0.0))[0]
+        room = hold.limit - spent
+        wanted = self._config.min_requests * max(hold.amount, 1)
+        return self._config.fraction * room >= wanted
+
+    async def _refill(self, holds: Sequence[Hold]) -> None:
+        """Waits for renewals of the slices of ``holds``, starting those needed."""
+        refilled: set[str] = set()
+        for _ in range(2):
+            waiting: set[asyncio.Task[None]] = set()
+            fresh: list[tuple[_Lease, _Plan]] = []
+            for hold in holds:
+                lease = self._table.get(hold.key)
+                if lease is None:
+                    lease = self._table[hold.key] = _Lease(hold=_window_of(hold))
+                lease.unit = max(hold.amount, 1)
+                if lease.serves(hold.amount, self._clock()):
+                    continue
+                if lease.pending is not None and not lease.pending.done():
+                    waiting.add(lease.pending)
+                elif hold.key not in refilled and (
+                    lease.free > 0 or self._clock() >= lease.exact_until
+                ):
+                    refilled.add(hold.key)
+                    fresh.append((lease, "refill"))
+            if fresh:
+                waiting.add(self._renew_soon(fresh))
+            if not waiting:
+                return
+            await _wait_for(waiting)
+
+    def _prefetch(self, lease: _Lease, amount: int = 0) -> None:
+        """Renews a slice in the background when it runs low."""
+        low = lease.free < max(lease.target // 4, amount)
+        if lease.target and low and not lease.renewing() and not self._closed:
+            self._renew_soon([(lease, "report")])
+
+    def _renew_soon(self, plans: list[tuple[_Lease, _Plan]]) -> asyncio.Task[None]:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._renew(plans))
+        for lease, _ in plans:
+            lease.pending = task
+        stopped = self._reporter is None or self._reporter.done()
+        if stopped and not self._closed:
+            self._reporter = loop.create_task(self._report_periodically())
+        return task
+
+    async def _renew(self, plans: list[tuple[_Lease, _Plan]]) -> None:
+        """One store round trip for all ``plans``; a failure leaves the use to report later."""
+        now = self._clock()
+        requests = [self._request(lease, plan, now) for lease, plan in plans]
+        try:
+            grants = await self._store.lease(
+                self._id, requests, now=now, expires_at=now + self._config.ttl_s
+            )
+        except CatalogError:
+            self._unreachable.warning(
+                logger,
+                "budget slices not renewed, store unreachable: slices=%d",
+                len(plans),
+            )
+            # Requests go to the store directly for a while, rather than
+            # waiting for one failed renewal after another.
+            for lease, _ in plans:
+                lease.exact_until = now + self._config.report_interval_s
+            return
+        finally:
+            task = asyncio.current_task()
+            for lease, _ in plans:
+                if lease.pending is task:
+                    lease.pending = None
+        for (lease, plan), request, grant in zip(plans, requests, grants, strict=True):
+            self._apply(lease, plan, request, grant, now)
+
+    def _request(self, lease: _Lease, plan: _Plan, now: float) -> LeaseRequest:
+        """What to ask for ``lease``; gives back its unused room at once, if it must."""
+        lease.expire(now)
+        free = lease.free
+        if plan == "report" and now < lease.valid_until:
+            release = max(0, free - lease.target)
+        else:
+            release = max(0, free)
+        lease.size -= release
+        lease.active = False
+        keep = max(lease.size - lease.used, lease.held_in_flight)
+        grow = plan in ("refill", "report")
+        return LeaseRequest(
+            hold=lease.hold,
+            charge=lease.used,
+            keep=keep,
+            free=keep - lease.held_in_flight,
+            cap=self._config.max_requests * lease.unit if grow else 0,
+            minimum=self._config.min_requests * lease.unit,
+            fraction=self._config.fraction,
+        )
+
+    def _apply(
+        self,
+        lease: _Lease,
+        plan: _Plan,
+        request: LeaseRequest,
+        grant: LeaseGrant,
+        now: float,
+    ) -> None:
+        key = lease.hold.key
+        lease.used -= request.charge
+        lease.size = grant.held
+        lease.target = grant.target
+        lease.valid_until = now + self._config.ttl_s / 2
+        lease.exact_until = (
+            now + self._config.report_interval_s if not grant.target else 0.0
+        )
+        _note_spent(self._floors, lease.hold, grant.spent, now)
+        if grant.granted:
+            logger.debug(
+                "budget slice renewed: budget=%s window=%s held=%d granted=%d",
+                lease.hold.budget,
+                lease.hold.window,
+                grant.held,
+                grant.granted,
+            )
+        idle = plan in ("idle", "close") and not lease.active
+        empty = lease.size == 0 and lease.used == 0 and not lease.in_flight
+        if idle and empty and self._table.get(key) is lease:
+            del self._table[key]
+
+    async def _report_periodically(self) -> None:
+        while self._table:
+            await asyncio.sleep(self._config.report_interval_s)
+            try:
+                await self.flush()
+            except Exception:
+                # A bug in one report must not end reporting for good.
+                logger.exception("budget slices not reported")
+
+
+async def _wait_for(tasks: Collection[asyncio.Task[None]]) -> None:
+    """Waits for renewals; cancelling the waiter leaves them running."""
+    await asyncio.shield(asyncio.gather(*tasks))
+
+
+def _window_of(hold: Hold) -> Hold:
+    """The window of ``hold``, with no amount: what a slice is a slice of."""
+    return Hold(hold.budget, hold.metric, hold.window, hold.limit, 0, hold.resets_at)
+
+
+def _note_spent(
+    floors: dict[str, tuple[int, float]], hold: Hold, spent: int | None, now: float
+) -> None:
+    """Remembers the highest spend seen in a window; it never shrinks there."""
+    if spent is None:
+        return
+    known = floors.get(hold.key)
+    if known is None and len(floors) >= _FLOORS_KEPT:
+        for key in [k for k, (_, ends) in floors.items() if ends <= now]:
+            del floors[key]
+    if known is None or spent > known[0]:
+        floors[hold.key] = (spent, hold.resets_at.timestamp())
+
+
 # -- the facade -----------------------------------------------------------------
 
 
@@ -988,7 +1760,9 @@ class Budgets:
     """Checks, holds and charges the budgets that apply to a request.
 
     ``clock`` returns Unix time; tests pass a fake one to cross periods
-    without waiting. See the module docstring for an example.
+    without waiting. One instance serves one event loop; with slices on, it
+    reports in a background task of that loop, so close it there when done.
+    See the module docstring for an example.
     """
 
     def __init__(
@@ -1003,6 +1777,13 @@ class Budgets:
         self._clock = clock
         self._scale: dict[Metric, int] = {"tokens": 1, "cost": COST_SCALE}
         self._unreachable = WarningThrottle()
+        # The highest spend seen per window key, and when the window ends.
+        self._floors: dict[str, tuple[int, float]] = {}
+        self._leases = (
+            _Leases(config.leases, store, clock, self._floors)
+            if config.leases.enabled
+            else None
+        )
 
     @classmethod
     def open(
@@ -1016,7 +1797,28 @@ class Budgets:
         return cls(config, open_budget_store(config, catalog_url), clock=clock)
 
     async def close(self) -> None:
-        await self.store.close()
+        """Reports the use of every slice, gives back the rest, and closes the store."""
+        try:
+            if self._leases is not None:
+                await self._leases.close()
+        finally:
+            await self.store.close()
+
+    async def flush(self) -> None:
+        """Reports the use of every slice as spend now, and resizes the slices.
+
+        The background task does this every ``leases.report_interval_s``; call
+        it to make the store current at once.
+        """
+        if self._leases is not None:
+            await self._leases.flush()
+
+    def slices(self) -> dict[str, tuple[int, int, int]]:
+        """The slices this process holds: ``(held, used, in flight)`` per window.
+
+        Keys read ``<budget>@<window>``, such as ``team:search tokens/day@2025-03-10``.
+        """
+        return self._leases.slices() if self._leases is not None else {}
 
     def budgets_for(self, subjects: Subjects) -> list[Budget]:
         """The budgets that apply to a request of these subjects."""
@@ -1075,26 +1877,17 @@ class Budgets:
         if not holds:
             return reservation
 
+        self._refuse_if_spent(holds, now)
+        expires_at = now + self.config.reservation_ttl_s
+        leased = [False] * len(holds)
+        if self._leases is not None:
+            leased = await self._leases.take(reservation.id, holds, expires_at)
         try:
-            refusal = await self.store.reserve(
-                reservation.id,
-                holds,
-                now=now,
-                expires_at=now + self.config.reservation_ttl_s,
-            )
-        except CatalogError:
-            if not self.config.fail_open:
-                raise
-            self._unreachable.warning(
-                logger,
-                "budget store unreachable, request let through uncounted: model=%s",
-                model,
-            )
-            reservation.counted = False
-            return reservation
-
-        if refusal is not None:
-            raise self._exceeded(holds[refusal.index], refusal.used, now)
+            await self._reserve_exactly(reservation, leased, now, expires_at)
+        except BaseException:
+            if self._leases is not None:
+                self._leases.give_back(reservation.id, holds, leased)
+            raise
         return reservation
 
     async def settle(
@@ -1106,7 +1899,8 @@ class Budgets:
         reserved for (a fallback), so its price is charged. Settling or
         releasing a reservation twice does nothing the second time. A store
         that cannot be reached is logged as an error, never raised: the
-        answer has been written by then.
+        answer has been written by then. Holds served from a slice settle in
+        memory; their use reaches the store with the slice's next report.
         """
         if reservation.done:
             logger.warning("budget reservation settled twice: id=%s", reservation.id)
@@ -1123,9 +1917,26 @@ class Budgets:
             )
             for hold in reservation.holds
         ]
+        exact: list[tuple[Hold, int]] = []
+        leases = self._leases
+        for hold, charge, leased in zip(
+            reservation.holds, charges, _leased(reservation), strict=True
+        ):
+            # A slice gone meanwhile (its calls expired) leaves it to the store.
+            if not (
+                leases is not None
+                and leased
+                and leases.settle(reservation.id, hold, charge)
+            ):
+                exact.append((hold, charge))
+        if not exact:
+            return
         try:
             await self.store.settle(
-                reservation.id, reservation.holds, charges, now=self._clock()
+                reservation.id,
+                [hold for hold, _ in exact],
+                [charge for _, charge in exact],
+                now=self._clock(),
             )
         except CatalogError:
             # The answer exists by now; failing the request would not bring
@@ -1142,11 +1953,19 @@ class Budgets:
         if reservation.done:
             return
         reservation.done = True
-        if reservation.holds and reservation.counted:
-            await self.store.release(reservation.id, reservation.holds)
+        leased = _leased(reservation)
+        if self._leases is not None:
+            self._leases.give_back(reservation.id, reservation.holds, leased)
+        exact = [h for h, was in zip(reservation.holds, leased, strict=True) if not was]
+        if exact and reservation.counted:
+            await self.store.release(reservation.id, exact)
 
     async def status(self, subjects: Subjects) -> list[BudgetStatus]:
-        """Where each budget of these subjects stands in its current period."""
+        """Where each budget of these subjects stands in its current period.
+
+        This process's slices of them are reported first, so their use shows
+        as spent; the unused room of any process's slices shows as held.
+        """
         now = self._clock()
         holds = [
             self._hold(b, "", 0, 0, now, priced=False)
@@ -1154,6 +1973,8 @@ class Budgets:
         ]
         if not holds:
             return []
+        if self._leases is not None:
+            await self._leases.flush({h.key for h in holds})
         usage = await self.store.usage(holds, now=now)
         return [
             BudgetStatus(
@@ -1165,6 +1986,52 @@ class Budgets:
             )
             for hold, (spent, held) in zip(holds, usage, strict=True)
         ]
+
+    # -- reserving -------------------------------------------------------------
+
+    def _refuse_if_spent(self, holds: Sequence[Hold], now: float) -> None:
+        """Refuses, without the store, a hold that cannot fit beside the known spend."""
+        for hold in holds:
+            known = self._floors.get(hold.key)
+            if known is not None and known[0] + hold.amount > hold.limit:
+                raise self._exceeded(hold, known[0], now)
+
+    async def _reserve_exactly(
+        self,
+        reservation: Reservation,
+        leased: Sequence[bool],
+        now: float,
+        expires_at: float,
+    ) -> None:
+        """Holds in the store what no slice served; fills in ``reservation``."""
+        holds = reservation.holds
+        exact = [h for h, was in zip(holds, leased, strict=True) if not was]
+        reservation.leased = tuple(leased)
+        if not exact:
+            return
+        try:
+            refusal = await self.store.reserve(
+                reservation.id, exact, now=now, expires_at=expires_at
+            )
+        except CatalogError:
+            if not self.config.fail_open:
+                raise
+            self._unreachable.warning(
+                logger,
+                "budget store unreachable, request let through uncounted: model=%s",
+                reservation.model,
+            )
+            # Settling tries to record the whole call in the store.
+            if self._leases is not None:
+                self._leases.give_back(reservation.id, holds, leased)
+            reservation.counted = False
+            reservation.leased = ()
+            return
+
+        if refusal is not None:
+            hold = exact[refusal.index]
+            _note_spent(self._floors, hold, refusal.spent, now)
+            raise self._exceeded(hold, refusal.used, now)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -1257,6 +2124,10 @@ class Budgets:
             resets_at=hold.resets_at,
             retry_after=wait,
         )
+
+
+def _leased(reservation: Reservation) -> tuple[bool, ...]:
+    return reservation.leased or (False,) * len(reservation.holds)
 
 
 def _budgets_of(subject: str, limits: BudgetLimits | None) -> list[Budget]:

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 
 from ingestion.errors import BudgetExceeded, CatalogError, ConfigError
 from serving.gateway.budgets import (
+    BudgetLeasesConfig,
     BudgetLimits,
     Budgets,
     BudgetsConfig,
@@ -92,10 +94,15 @@ StoreFactory = Callable[[BudgetsConfig], BudgetStore]
     ]
 )
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """Makes a store of one kind; call it inside the event loop that uses it."""
+    """Makes a store of one kind; call it inside the event loop that uses it.
+
+    Every store it makes for one test keeps the same counters, as processes
+    sharing a database or a Redis do.
+    """
     kind = request.param
     if kind == "memory":
-        return lambda config: MemoryBudgetStore()
+        shared = MemoryBudgetStore()  # so that two facades can share it
+        return lambda config: shared
     if kind == "sqlite":
         url = f"sqlite:///{tmp_path / 'catalog.db'}"
         return lambda config: SqlBudgetStore(url)
@@ -250,7 +257,9 @@ def test_a_settle_after_the_hold_expired_still_charges_the_usage(
         status = (await team_status(budgets))["team:search tokens/day"]
         assert (status.spent, status.held) == (500, 1), status
 
-    scenario(make_store, config(reservation_ttl_s=60), body)
+    # Exact holds only: with slices, the one-token probe would take a slice.
+    settings = config(reservation_ttl_s=60, leases=BudgetLeasesConfig(enabled=False))
+    scenario(make_store, settings, body)
 
 
 def test_a_new_utc_day_starts_from_zero_while_the_month_keeps_counting(
@@ -341,6 +350,370 @@ def test_fifty_concurrent_requests_against_room_for_ten_admit_exactly_ten(
 
     assert sum(outcomes) == 10, f"{sum(outcomes)} of 50 admitted, room for 10"
     assert spent == 1000, f"recorded spend {spent} for a limit of 1000"
+
+
+# -- slices (local leases), against every store --------------------------------------
+
+WINDOW = "team:search tokens/day@2025-03-10"
+
+
+def leased_config(limit: int = 1_000_000, **overrides: Any) -> BudgetsConfig:
+    """Slices on, with reports only when a test asks (the interval is long)."""
+    leases = BudgetLeasesConfig(
+        fraction=0.05,
+        max_requests=32,
+        min_requests=4,
+        report_interval_s=100,
+        ttl_s=300,
+    )
+    values: dict[str, Any] = {"teams": {"search": BudgetLimits(tokens_per_day=limit)}}
+    values["leases"] = leases
+    values.update(overrides)
+    return config(**values)
+
+
+class CountingStore:
+    """A store that counts the calls made to the real store it wraps."""
+
+    def __init__(self, inner: BudgetStore) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        step = getattr(self.inner, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return await step(*args, **kwargs)
+
+        return counted
+
+
+def counting(make_store: StoreFactory) -> Callable[[BudgetsConfig], CountingStore]:
+    return lambda settings: CountingStore(make_store(settings))
+
+
+async def spend(budgets: Budgets, prompt: int = 60, completion: int = 40) -> bool:
+    """One call that uses its whole estimate; false when its budget refused it."""
+    try:
+        reservation = await budgets.reserve(TEAM, "chat", prompt, completion)
+    except BudgetExceeded:
+        return False
+    await budgets.settle(reservation, Usage(prompt, completion))
+    return True
+
+
+def test_a_slice_serves_reservations_in_memory_and_reports_their_use(
+    make_store: StoreFactory,
+) -> None:
+    # Worst case 100 tokens: the slice is 32 of them, far below 5 % of 10**6.
+    async def body(budgets: Budgets, clock: FakeClock) -> None:
+        store = budgets.store
+        assert isinstance(store, CountingStore)
+        for _ in range(20):
+            reservation = await budgets.reserve(TEAM, "chat", 60, 40)
+            await budgets.settle(reservation, Usage(30, 20))  # 50 back to the slice
+
+        assert dict(store.calls) == {"lease": 1}, store.calls
+        assert budgets.slices() == {WINDOW: (3200, 1000, 0)}, budgets.slices()
+        status = (await team_status(budgets))["team:search tokens/day"]
+        assert (status.spent, status.held) == (1000, 3200), status
+
+    scenario(counting(make_store), leased_config(), body)
+
+
+def test_slices_shrink_near_the_limit_and_give_way_to_exact_reservations(
+    make_store: StoreFactory,
+) -> None:
+    # A slice is at most 5 % of what remains; below 4 worst cases (400
+    # tokens, so under 8,000 remaining) every request is reserved exactly.
+    async def body(budgets: Budgets, clock: FakeClock) -> None:
+        sizes: list[int] = []
+        modes: list[bool] = []
+        while True:
+            try:
+                reservation = await budgets.reserve(TEAM, "chat", 60, 40)
+            except BudgetExceeded:
+                break
+            sizes += [held for held, _, _ in budgets.slices().values()]
+            modes += reservation.leased
+            await budgets.settle(reservation, Usage(60, 40))
+        await budgets.flush()
+        await budgets.flush()
+
+        assert len(modes) == 100, f"{len(modes)} calls admitted, room for 100"
+        assert modes[0] and not any(modes[-60:]), modes
+        assert max(sizes) == 500 and sizes == sorted(sizes, reverse=True), sizes
+        status = (await team_status(budgets))["team:search tokens/day"]
+        assert (status.spent, status.held) == (10_000, 0), status
+
+    scenario(make_store, leased_config(limit=10_000), body)
+
+
+def test_close_reports_the_use_of_every_slice_and_gives_back_the_rest(
+    make_store: StoreFactory,
+) -> None:
+    settings = leased_config()
+
+    async def body() -> list[tuple[float, float]]:
+        clock = FakeClock()
+        budgets = Budgets(settings, make_store(settings), clock=clock)
+        for _ in range(5):
+            await spend(budgets)
+        await budgets.reserve(TEAM, "chat", 60, 40)  # in flight at shutdown
+        await budgets.close()
+
+        reader = Budgets(
+            config(teams=settings.teams), make_store(settings), clock=clock
+        )
+        seen = []
+        try:
+            for advance in (0, 301):
+                clock.advance(advance)
+                status = (await team_status(reader))["team:search tokens/day"]
+                seen.append((status.spent, status.held))
+        finally:
+            await reader.close()
+        return seen
+
+    seen = run(body())
+
+    # The call in flight keeps its worst case held until the slice expires.
+    assert seen == [(500, 100), (500, 0)], seen
+
+
+def test_the_slice_of_a_process_that_died_stops_counting_after_its_ttl(
+    make_store: StoreFactory,
+) -> None:
+    settings = leased_config(limit=10_000)
+
+    async def body() -> list[tuple[float, float]]:
+        clock = FakeClock()
+        dead_store = make_store(settings)
+        dead = Budgets(settings, dead_store, clock=clock)
+        await spend(dead)
+        await spend(dead)  # 200 used, not reported: lost with the process
+        await dead_store.close()
+
+        survivor = Budgets(settings, make_store(settings), clock=clock)
+        seen = []
+        try:
+            for advance in (0, 299, 2):
+                clock.advance(advance)
+                status = (await team_status(survivor))["team:search tokens/day"]
+                seen.append((status.spent, status.held))
+        finally:
+            await survivor.close()
+        return seen
+
+    seen = run(body())
+
+    assert seen == [(0, 500), (0, 500), (0, 0)], seen
+
+
+def test_two_processes_sharing_a_budget_can_spend_all_of_it(
+    make_store: StoreFactory,
+) -> None:
+    """Each refusal is followed by a report of both; two reports free every slice."""
+    settings = leased_config(limit=10_000)
+
+    async def body() -> tuple[int, list[int], Any]:
+        clock = FakeClock()
+        both = [Budgets(settings, make_store(settings), clock=clock) for _ in "ab"]
+        reader = Budgets(
+            config(teams=settings.teams), make_store(settings), clock=clock
+        )
+        admitted, worst, refusals = 0, [], 0
+        try:
+            while refusals < 3:
+                outcomes = [await spend(budgets) for budgets in both]
+                admitted += sum(outcomes)
+                if all(outcomes):
+                    refusals = 0
+                else:
+                    refusals += 1
+                    for budgets in both:
+                        await budgets.flush()
+                usage = await reader.store.usage(
+                    [reader._hold(reader.budgets_for(TEAM)[0], "", 0, 0, clock())],
+                    now=clock(),
+                )
+                worst.append(sum(usage[0]))
+        finally:
+            for budgets in both:
+                await budgets.close()
+            final = (await team_status(reader))["team:search tokens/day"]
+            await reader.close()
+        return admitted, worst, final
+
+    admitted, worst, final = run(body())
+
+    assert admitted == 100, f"{admitted} calls admitted between two, room for 100"
+    assert max(worst) <= 10_000, f"spent and held reached {max(worst)}"
+    assert (final.spent, final.held) == (10_000, 0), final
+
+
+def test_a_spent_budget_is_refused_without_asking_the_store_again(
+    make_store: StoreFactory,
+) -> None:
+    async def body(budgets: Budgets, clock: FakeClock) -> None:
+        store = budgets.store
+        assert isinstance(store, CountingStore)
+        await spend(budgets, 600, 400)
+        assert not await spend(budgets, 1, 0)  # the store says 1,000 are spent
+        calls = dict(store.calls)
+
+        for _ in range(10):
+            with pytest.raises(BudgetExceeded) as caught:
+                await budgets.reserve(TEAM, "chat", 1, 0)
+
+        assert dict(store.calls) == calls, (calls, store.calls)
+        assert caught.value.spent == 1000, caught.value
+
+    scenario(counting(make_store), config(), body)
+
+
+# -- slices: the facade's own rules -----------------------------------------------------
+
+
+class FlakyLeases(MemoryBudgetStore):
+    """Grants slices until told to fail, as a store that went away would."""
+
+    failing = False
+
+    async def lease(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failing:
+            raise CatalogError("the counter store is down")
+        return await super().lease(*args, **kwargs)
+
+
+def test_a_slice_not_renewed_for_half_its_ttl_is_no_longer_served_from(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    store = FlakyLeases()
+    budgets = Budgets(leased_config(), store, clock=clock)
+
+    async def body() -> list[tuple[bool, ...]]:
+        modes = [(await budgets.reserve(TEAM, "chat", 60, 40)).leased]
+        store.failing = True
+        clock.advance(149)
+        modes.append((await budgets.reserve(TEAM, "chat", 60, 40)).leased)
+        clock.advance(1)
+        modes.append((await budgets.reserve(TEAM, "chat", 60, 40)).leased)
+        store.failing = False
+        await budgets.close()
+        return modes
+
+    with caplog.at_level(logging.WARNING, logger="serving.gateway.budgets"):
+        modes = run(body())
+
+    assert modes == [(True,), (True,), (False,)], modes
+    assert "budget slices not renewed" in caplog.text, caplog.text
+
+
+def test_a_call_in_flight_in_a_slice_stops_counting_after_the_reservation_ttl() -> None:
+    clock = FakeClock()
+    budgets = Budgets(
+        leased_config(reservation_ttl_s=60), MemoryBudgetStore(), clock=clock
+    )
+
+    async def body() -> list[tuple[int, int, int]]:
+        slow = await budgets.reserve(TEAM, "chat", 60, 40)
+        seen = [budgets.slices()[WINDOW]]
+        clock.advance(61)
+        await budgets.flush()
+        seen.append(budgets.slices()[WINDOW])
+        await budgets.settle(slow, Usage(60, 40))  # still charged, late
+        seen.append(budgets.slices()[WINDOW])
+        await budgets.close()
+        return seen
+
+    seen = run(body())
+
+    assert [(used, in_flight) for _, used, in_flight in seen] == [
+        (0, 100),
+        (0, 0),
+        (100, 0),
+    ], seen
+
+
+def test_a_stream_of_calls_renews_its_slice_before_it_runs_out() -> None:
+    store = CountingStore(MemoryBudgetStore())
+    budgets = Budgets(leased_config(), store, clock=FakeClock())
+
+    async def body() -> list[bool]:
+        modes: list[bool] = []
+        for _ in range(200):
+            reservation = await budgets.reserve(TEAM, "chat", 60, 40)
+            modes += reservation.leased
+            await budgets.settle(reservation, Usage(60, 40))
+            await asyncio.sleep(0)  # lets a renewal in the background run
+        await budgets.close()
+        return modes
+
+    modes = run(body())
+
+    assert all(modes), f"{modes.count(False)} of 200 calls missed their slice"
+    # 200 worst cases through slices of 32: a handful of renewals, no more.
+    assert store.calls["lease"] <= 10, store.calls
+    assert store.calls["reserve"] == 0, store.calls
+
+
+def test_slices_are_reported_in_the_background_and_close_leaves_no_task() -> None:
+    settings = leased_config(
+        leases=BudgetLeasesConfig(report_interval_s=0.02, ttl_s=1.0)
+    )
+    store = MemoryBudgetStore()
+    budgets = Budgets(settings, store)  # the real clock: the reporter sleeps
+
+    async def body() -> tuple[list[int], set[asyncio.Task[Any]]]:
+        await spend(budgets)
+        await spend(budgets)
+        reader = Budgets(config(teams=settings.teams), store)
+        spent: list[int] = []
+        for _ in range(500):  # up to 5 s; a report takes 20 ms
+            [status] = await reader.status(TEAM)
+            spent.append(int(status.spent))
+            if status.spent:
+                break
+            await asyncio.sleep(0.01)
+        await budgets.close()
+        return spent, asyncio.all_tasks() - {asyncio.current_task()}
+
+    spent, left = run(body())
+
+    assert spent[-1] == 200, f"the slice's use never reached the store: {spent}"
+    assert not left, left
+
+
+class DownStore(MemoryBudgetStore):
+    """A store that cannot be reached at all."""
+
+    async def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        raise CatalogError("the counter store is down")
+
+    async def lease(self, *args: Any, **kwargs: Any) -> Any:
+        raise CatalogError("the counter store is down")
+
+
+def test_with_slices_an_unreachable_store_still_refuses_unless_failing_open() -> None:
+    closed = Budgets(leased_config(), DownStore(), clock=FakeClock())
+    open_ = Budgets(leased_config(fail_open=True), DownStore(), clock=FakeClock())
+
+    with pytest.raises(CatalogError):
+        run(closed.reserve(TEAM, "chat", 60, 40))
+    reservation = run(open_.reserve(TEAM, "chat", 60, 40))
+
+    assert reservation.counted is False, reservation
+    assert open_.slices() == {WINDOW: (0, 0, 0)}, open_.slices()
+
+
+def test_lease_settings_must_agree() -> None:
+    with pytest.raises(ValidationError, match="min_requests"):
+        BudgetLeasesConfig(min_requests=8, max_requests=4)
+    with pytest.raises(ValidationError, match="three"):
+        BudgetLeasesConfig(report_interval_s=10, ttl_s=20)
 
 
 # -- the facade --------------------------------------------------------------------
@@ -513,10 +886,15 @@ CHILD = textwrap.dedent(
     )
     from serving.gateway.providers import Usage
 
-    kind, target, ready, go = sys.argv[1:5]
+    kind, target, ready, go, mode = sys.argv[1:6]
 
     async def main():
         settings = BudgetsConfig(teams={"search": BudgetLimits(tokens_per_day=1000)})
+        if mode == "drain":
+            settings = BudgetsConfig.model_validate({
+                "teams": {"search": {"tokens_per_day": DRAINED}},
+                "leases": {"report_interval_s": 0.1, "ttl_s": 1.0},
+            })
         if kind == "sqlite":
             store = SqlBudgetStore(target)
         else:
@@ -537,7 +915,22 @@ CHILD = textwrap.dedent(
             await budgets.settle(reservation, Usage(60, 40))
             return True
 
-        outcomes = await asyncio.gather(*(one_call() for _ in range(25)))
+        async def drain():
+            # Calls until refused for two seconds in a row: long enough for
+            # the other process to report, or to give its slices back.
+            admitted, refused = 0, 0
+            while refused < 40:
+                if await one_call():
+                    admitted, refused = admitted + 1, 0
+                else:
+                    refused += 1
+                    await asyncio.sleep(0.05)
+            return admitted
+
+        if mode == "drain":
+            outcomes = await asyncio.gather(*(drain() for _ in range(8)))
+        else:
+            outcomes = await asyncio.gather(*(one_call() for _ in range(25)))
         await budgets.close()
         print(json.dumps({"admitted": sum(outcomes)}))
 
@@ -546,14 +939,33 @@ CHILD = textwrap.dedent(
 )
 
 
-def run_two_processes(kind: str, target: str, tmp_path: Path) -> int:
-    """Starts two processes that each try 25 calls at once; returns those admitted."""
+DRAINED = 300_000  # tokens: 3,000 calls of 100
+
+
+def run_two_processes(
+    kind: str, target: str, tmp_path: Path, mode: str = "burst"
+) -> int:
+    """Starts two processes calling at once; returns the calls admitted.
+
+    A ``burst`` is 25 calls per process against a budget of 10; a ``drain``
+    is 8 tasks per process calling until a budget of 3,000 calls is spent,
+    through slices.
+    """
     go = tmp_path / "go"
     ready = [tmp_path / f"ready-{i}" for i in range(2)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     children = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD, kind, target, str(ready[i]), str(go)],
+            [
+                sys.executable,
+                "-c",
+                f"DRAINED = {DRAINED}\n{CHILD}",
+                kind,
+                target,
+                str(ready[i]),
+                str(go),
+                mode,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -576,9 +988,9 @@ def run_two_processes(kind: str, target: str, tmp_path: Path) -> int:
     return admitted
 
 
-async def spent_today(store: BudgetStore) -> float:
+async def spent_today(store: BudgetStore, limit: int = 1000) -> float:
     budgets = Budgets(
-        BudgetsConfig(teams={"search": BudgetLimits(tokens_per_day=1000)}),
+        BudgetsConfig(teams={"search": BudgetLimits(tokens_per_day=limit)}),
         store,
         clock=lambda: 1741608000.0,
     )
@@ -611,6 +1023,30 @@ def test_two_processes_sharing_redis_never_overspend(
     assert admitted == 10, f"{admitted} of 50 admitted across processes, room for 10"
     used = run(spent_today(RedisBudgetStore(REDIS_URL, key_prefix=redis_prefix)))
     assert used == 1000, used
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_sqlite_file_spend_the_whole_budget_through_slices(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    run(SqlBudgetStore(url).close())
+
+    admitted = run_two_processes("sqlite", url, tmp_path, "drain")
+
+    assert admitted == DRAINED // 100, f"{admitted} calls admitted, room for 3,000"
+    assert run(spent_today(SqlBudgetStore(url), DRAINED)) == DRAINED
+
+
+@pytest.mark.slow
+def test_two_processes_on_redis_spend_the_whole_budget_through_slices(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    admitted = run_two_processes("redis", redis_prefix, tmp_path, "drain")
+
+    assert admitted == DRAINED // 100, f"{admitted} calls admitted, room for 3,000"
+    store = RedisBudgetStore(REDIS_URL, key_prefix=redis_prefix)
+    assert run(spent_today(store, DRAINED)) == DRAINED
 
 
 def test_redis_keys_expire_after_their_period(redis_prefix: str) -> None:
