@@ -53,12 +53,12 @@ QUESTIONS = REPO / "bench" / "manual_questions.jsonl"
 MODES = ("dense", "lexical", "hybrid")
 # Fusion settings tried beside the settings' own; lexical_weight stays.
 FUSION_SWEEP: tuple[dict[str, Any], ...] = (
-    {"fusion": "rrf", "dense_weight": 1.0, "rrf_k": 60},
     {"fusion": "rrf", "dense_weight": 1.0, "rrf_k": 20},
     {"fusion": "rrf", "dense_weight": 1.5, "rrf_k": 60},
     {"fusion": "rrf", "dense_weight": 2.0, "rrf_k": 60},
     {"fusion": "rrf", "dense_weight": 1.5, "rrf_k": 20},
     {"fusion": "rrf", "dense_weight": 2.0, "rrf_k": 20},
+    {"fusion": "convex", "dense_weight": 1.0},
     {"fusion": "convex", "dense_weight": 1.5},
     {"fusion": "convex", "dense_weight": 2.0},
     {"fusion": "convex", "dense_weight": 3.0},

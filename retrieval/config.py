@@ -44,7 +44,7 @@ class RetrievalConfig(StrictModel):
 
     mode: SearchMode = "hybrid"
     fusion: Literal["rrf", "convex"] = Field(
-        default="convex",
+        default="rrf",
         description="How hybrid search merges the dense and lexical lists: "
         "reciprocal rank fusion (ranks only), or a convex combination of their "
         "scores rescaled to [0, 1].",
