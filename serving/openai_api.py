@@ -9,6 +9,16 @@ citations to the response (``citations``, beside ``choices``).
 Streaming follows the OpenAI format: ``chat.completion.chunk`` events, a last
 chunk with the ``finish_reason``, a usage chunk when the client asks for one
 (``stream_options.include_usage``), then ``data: [DONE]``.
+
+``POST /v1/chat/completions`` is the gateway's hot path, so the router
+carries a lean route for it (:attr:`OpenAIRouter.lean_routes`): a plain
+Starlette route that the app matches before any other, which validates the
+body as FastAPI would and writes the answer's JSON directly, past FastAPI's
+per-request dependency, validation and serialization machinery. The
+documented FastAPI route of the same path stays, for the OpenAPI schema and
+for apps that include the router without its lean routes; both run the same
+code and answer alike, invalid bodies included (422, with each problem's
+place in the body).
 """
 
 from __future__ import annotations
@@ -19,12 +29,15 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.routing import BaseRoute, Route
 
 from ingestion.errors import RaglineError, RequestError
 
 from .gateway.core import Gateway, current_record
+from .gateway.identity import Identity
 from .gateway.providers import (
     ChatMessage,
     GenerationRequest,
@@ -34,9 +47,12 @@ from .gateway.providers import (
 )
 from .service import AnswerService, AskOutcome
 
-__all__ = ["RAG_PREFIX", "ChatCompletionRequest", "openai_router"]
+__all__ = ["RAG_PREFIX", "ChatCompletionRequest", "OpenAIRouter", "openai_router"]
 
 RAG_PREFIX = "rag/"
+
+# Answers' JSON, as FastAPI's JSONResponse writes it, with the encoder made once.
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 class _TextPart(BaseModel):
@@ -83,9 +99,30 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
 
 
-def openai_router(service: AnswerService, gateway: Gateway) -> APIRouter:
+class OpenAIRouter(APIRouter):
+    """The ``/v1`` routes, with the lean routes that serve the hottest of them.
+
+    ``lean_routes`` are plain Starlette routes, with full paths, for the app
+    to match before any other route (:func:`serving.app.create_app` does);
+    the router's own documented routes serve the same paths wherever it is
+    included without them.
+    """
+
+    lean_routes: list[BaseRoute]
+
+
+def openai_router(service: AnswerService, gateway: Gateway) -> OpenAIRouter:
     """The ``/v1`` routes over the answer service and the gateway."""
-    router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+    router = OpenAIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+    completions = _ChatCompletions(service, gateway)
+    router.lean_routes = [
+        Route(
+            "/v1/chat/completions",
+            completions.lean_endpoint,
+            methods=["POST"],
+            include_in_schema=False,
+        )
+    ]
 
     @router.get("/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -114,26 +151,36 @@ def openai_router(service: AnswerService, gateway: Gateway) -> APIRouter:
     @router.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """A chat completion from a virtual model, or an answer from a collection."""
+        return await completions.answer(body, request)
+
+    return router
+
+
+class _ChatCompletions:
+    """``POST /v1/chat/completions``, behind both of its routes."""
+
+    def __init__(self, service: AnswerService, gateway: Gateway) -> None:
+        self._service = service
+        self._gateway = gateway
+
+    async def lean_endpoint(self, request: Request) -> Response:
+        """The lean route: the body parsed and the answer written without FastAPI."""
+        body = _parsed_body(await request.body(), request.headers.get("content-type"))
+        answer = await self.answer(body, request)
+        if isinstance(answer, Response):
+            return answer
+        return Response(_JSON.encode(answer).encode(), media_type="application/json")
+
+    async def answer(
+        self, body: ChatCompletionRequest, request: Request
+    ) -> dict[str, Any] | StreamingResponse:
+        """A chat completion from a virtual model, or an answer from a collection."""
+        gateway = self._gateway
         identity = await gateway.identify(request.headers)
         request_id = str(request.scope.get("state", {}).get("request_id", ""))
         completion_id = f"chatcmpl-{request_id or time.time_ns()}"
         if body.model.startswith(RAG_PREFIX):
-            collection = body.model[len(RAG_PREFIX) :]
-            caller = gateway.caller(identity, collection)
-            gateway.check_model(identity, gateway.ask_model)
-            await gateway.guard(identity, "/v1/chat/completions", _fingerprint(body))
-            question = _last_user_message(body)
-            if not body.stream:
-                outcome = await service.ask(
-                    question, collection, caller, request_id=request_id
-                )
-                _audit_outcome(outcome)
-                return _completion(completion_id, body.model, outcome)
-            answers = service.ask_stream(
-                question, collection, caller, request_id=request_id
-            )
-            first_answer = await anext(answers)
-            return _sse(_rag_chunks(completion_id, body, first_answer, answers))
+            return await self._rag_answer(body, identity, request_id, completion_id)
 
         gateway.check_model(identity, body.model)
         await gateway.guard(identity, "/v1/chat/completions", _fingerprint(body))
@@ -156,10 +203,79 @@ def openai_router(service: AnswerService, gateway: Gateway) -> APIRouter:
         first = await anext(events)
         return _sse(_model_chunks(completion_id, body, first, events))
 
-    return router
+    async def _rag_answer(
+        self,
+        body: ChatCompletionRequest,
+        identity: Identity,
+        request_id: str,
+        completion_id: str,
+    ) -> dict[str, Any] | StreamingResponse:
+        gateway, service = self._gateway, self._service
+        collection = body.model[len(RAG_PREFIX) :]
+        caller = gateway.caller(identity, collection)
+        gateway.check_model(identity, gateway.ask_model)
+        await gateway.guard(identity, "/v1/chat/completions", _fingerprint(body))
+        question = _last_user_message(body)
+        if not body.stream:
+            outcome = await service.ask(
+                question, collection, caller, request_id=request_id
+            )
+            _audit_outcome(outcome)
+            return _completion(completion_id, body.model, outcome)
+        answers = service.ask_stream(
+            question, collection, caller, request_id=request_id
+        )
+        first_answer = await anext(answers)
+        return _sse(_rag_chunks(completion_id, body, first_answer, answers))
 
 
 # -- requests -----------------------------------------------------------------------
+
+
+def _parsed_body(raw: bytes, content_type: str | None) -> ChatCompletionRequest:
+    """The request body, validated; ``RequestValidationError`` (422) as FastAPI raises.
+
+    As FastAPI judges a body parameter: an empty body is missing; a body is
+    read as JSON only when its Content-Type says JSON (a missing one does
+    not, which keeps cross-site form posts out); the rest is validated as
+    Python data, each problem's place starting with ``body``.
+    """
+    if not raw:
+        problem = {"type": "missing", "loc": ("body",), "msg": "Field required"}
+        raise RequestValidationError([{**problem, "input": None}], body=raw)
+    data: Any = raw
+    if content_type and _is_json(content_type):
+        try:
+            data = json.loads(raw)
+        except ValueError as err:  # not JSON, or not UTF-8
+            raise _not_json(raw, err) from err
+    try:
+        return ChatCompletionRequest.model_validate(data, from_attributes=True)
+    except ValidationError as err:
+        problems = [
+            {**problem, "loc": ("body", *problem["loc"])}
+            for problem in err.errors(include_url=False)
+        ]
+        raise RequestValidationError(problems, body=data) from err
+
+
+def _not_json(raw: bytes, err: ValueError) -> RequestValidationError:
+    """The 422 of a body that does not parse, where it stops parsing."""
+    problem = {
+        "type": "json_invalid",
+        "loc": ("body", getattr(err, "pos", 0)),
+        "msg": "JSON decode error",
+        "input": {},
+        "ctx": {"error": getattr(err, "msg", str(err))},
+    }
+    return RequestValidationError([problem], body=raw)
+
+
+def _is_json(content_type: str) -> bool:
+    """Whether a Content-Type names JSON (``application/json``, ``…+json``)."""
+    media = content_type.partition(";")[0].strip().lower()
+    kind, _, subtype = media.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
 def _message(message: ChatMessageIn) -> ChatMessage:

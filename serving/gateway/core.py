@@ -14,9 +14,10 @@ route, ``/ask``, ``/search``, ``/v1/*`` and the admin routes alike:
    worst case of the call in every budget that applies (429 when one is
    spent), routes the request, then settles the real usage, so concurrent
    requests never spend past a hard limit.
-5. **Record**: :class:`AuditMiddleware` writes one audit record when the
-   response has been sent, a stream included, from the
-   :class:`RequestRecord` the steps above filled in.
+5. **Record**: the service's request middleware opens a
+   :class:`RequestRecord` (:meth:`Gateway.open_record`) before the route
+   runs, and :meth:`Gateway.close_record` writes one audit record from it
+   once the response has been sent, a stream included.
 
 The record of the request in flight lives in a context variable, so the
 steps need not pass it along: the model call deep inside ``/ask`` adds its
@@ -32,8 +33,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingestion.errors import RaglineError
 
@@ -56,7 +55,7 @@ from .ratelimit import RateLimiter
 from .routing import Router
 
 __all__ = [
-    "AuditMiddleware",
+    "GOVERNED_PREFIXES",
     "Gateway",
     "GovernedProvider",
     "RequestRecord",
@@ -69,6 +68,9 @@ logger = logging.getLogger(__name__)
 _MESSAGE_OVERHEAD = 4
 # Completion tokens reserved when a request sets no max_tokens.
 _DEFAULT_COMPLETION = 256
+
+GOVERNED_PREFIXES = ("/ask", "/search", "/v1/", "/admin/")
+"""Paths whose requests are governed, and audited."""
 
 
 @dataclass
@@ -256,6 +258,40 @@ class Gateway:
 
     # -- recording ------------------------------------------------------------
 
+    def governs(self, path: str) -> bool:
+        """Whether requests to ``path`` are governed, and so audited."""
+        return path.startswith(GOVERNED_PREFIXES)
+
+    def open_record(
+        self, request_id: str, route: str
+    ) -> tuple[RequestRecord, contextvars.Token[RequestRecord | None]]:
+        """Starts the record of a request and makes it the current one.
+
+        Hand the token back to :meth:`close_record` when the response has been
+        sent in full (a stream's last event included).
+        """
+        record = RequestRecord(request_id=request_id, route=route)
+        return record, _record.set(record)
+
+    async def close_record(
+        self,
+        record: RequestRecord,
+        token: contextvars.Token[RequestRecord | None],
+        status: int,
+    ) -> None:
+        """Ends the current record and audits it with the status the client got.
+
+        A record the audit log refuses is logged as lost, never raised: the
+        client already has its answer.
+        """
+        _record.reset(token)
+        try:
+            await self.write(record, status)
+        except RaglineError:
+            logger.error(
+                "audit record lost: request_id=%s", record.request_id, exc_info=True
+            )
+
     def _note(self, decision: Decision) -> None:
         record = _record.get()
         if record is not None:
@@ -425,54 +461,3 @@ class GovernedProvider:
         if record is not None:
             record.prompt_tokens += usage.prompt_tokens
             record.completion_tokens += usage.completion_tokens
-
-
-class AuditMiddleware:
-    """Starts a :class:`RequestRecord` for each governed route and audits it at the end.
-
-    The record is written once the response has been sent in full (a
-    stream's last event included), with the status the client got.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        gateway: Gateway,
-        prefixes: tuple[str, ...] = ("/ask", "/search", "/v1/", "/admin/"),
-    ) -> None:
-        self.app = app
-        self._gateway = gateway
-        self._prefixes = prefixes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith(self._prefixes):
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-        record = RequestRecord(
-            request_id=str(state.get("request_id", "")),
-            route=f"{scope.get('method', 'GET')} {path}",
-        )
-        token = _record.set(record)
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            _record.reset(token)
-            if not record.request_id:
-                record.request_id = str(state.get("request_id", ""))
-            try:
-                await self._gateway.write(record, status)
-            except RaglineError:
-                logger.error(
-                    "audit record lost: request_id=%s", record.request_id, exc_info=True
-                )

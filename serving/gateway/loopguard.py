@@ -109,15 +109,15 @@ class LoopGuardConfig(StrictModel):
     )
 
 
+# The canonical JSON of a normalised body, with the encoder made once.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+)
+
+
 def fingerprint(route: str, body: Any, ignore_fields: Collection[str] = ()) -> str:
     """A hash of the route and the normalised body (see the module docstring)."""
-    canonical = json.dumps(
-        _normalised(body, frozenset(ignore_fields)),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        default=str,
-    )
+    canonical = _CANONICAL.encode(_normalised(body, frozenset(ignore_fields)))
     digest = hashlib.sha256(f"{route}\n{canonical}".encode())
     return digest.hexdigest()[:32]
 

@@ -9,6 +9,7 @@ different access labels: ``alice`` (finance), ``bob`` (people) and ``carol``
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from collections.abc import Iterator
@@ -143,6 +144,12 @@ def served(tmp_path_factory: pytest.TempPathFactory, real_embedder) -> Iterator[
 
 
 # -- health, readiness, metrics, freshness ------------------------------------------
+
+
+def test_what_lives_from_startup_on_is_kept_out_of_garbage_collections(
+    served: Served,
+) -> None:
+    assert gc.get_freeze_count() > 0, "the startup heap was not frozen"
 
 
 def test_health_and_readiness_answer(served: Served) -> None:

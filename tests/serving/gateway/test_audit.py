@@ -316,3 +316,42 @@ def test_queries_filter_by_time_since_inclusive_until_exclusive(
 def test_a_query_limit_out_of_range_is_refused(filled: AuditLog) -> None:
     with pytest.raises(RequestError, match="1 to 10000"):
         filled.query(limit=0)
+
+
+def test_a_full_batch_is_written_without_waiting_out_the_interval(
+    tmp_path: Path,
+) -> None:
+    log = AuditLog(
+        f"sqlite:///{tmp_path / 'catalog.db'}",
+        AuditConfig(batch_size=10, flush_interval_ms=10_000),
+    )
+
+    async def main() -> int:
+        for n in range(10):
+            await log.record(entry(n))
+        for _ in range(500):  # half the 10 s the interval would take
+            if log.written == 10:
+                break
+            await asyncio.sleep(0.01)
+        written = log.written
+        await log.close()
+        return written
+
+    assert run(main()) == 10
+
+
+def test_a_flush_does_not_wait_out_the_interval(tmp_path: Path) -> None:
+    log = AuditLog(
+        f"sqlite:///{tmp_path / 'catalog.db'}",
+        AuditConfig(batch_size=1000, flush_interval_ms=10_000),
+    )
+
+    async def main() -> int:
+        for n in range(3):
+            await log.record(entry(n))
+        await asyncio.wait_for(log.flush(), timeout=5)  # half the interval
+        written = log.written
+        await log.close()
+        return written
+
+    assert run(main()) == 3

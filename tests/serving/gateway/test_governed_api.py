@@ -17,6 +17,7 @@ client.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -31,6 +32,10 @@ import jwt
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
+from starlette.requests import Request
+from starlette.routing import Route
 
 from ingestion.embedding import CachedEmbedder
 from ragline.runtime import Runtime
@@ -38,6 +43,7 @@ from ragline.serve import build_app
 from ragline.settings import parse_settings
 from serving.gateway.providers import GenerationRequest, ScriptedProvider
 from serving.gateway.store import ApiKeyStore
+from serving.openai_api import ChatCompletionRequest, _parsed_body
 from tests.conftest import EXAMPLES
 
 from .conftest import free_port
@@ -468,3 +474,115 @@ def test_the_openai_client_sees_governance_errors(governed: Governed) -> None:
         call(governed.keys["mallory"])
     with pytest.raises(openai.PermissionDeniedError):
         call(governed.keys["bob"], model="rag/secret")
+
+
+# -- the lean chat completions route --------------------------------------------------
+
+VALID_CHAT = b'{"model": "default", "messages": [{"role": "user", "content": "hi"}]}'
+# Bodies the chat route refuses: the body, its Content-Type (None: not sent),
+# and a pattern one of the problems its 422 lists starts with.
+INVALID_CHATS: list[tuple[bytes, str | None, str]] = [
+    (b'{"model": "default"}', "application/json", "messages:"),
+    (b'{"model": "default", "messages": []}', "application/json", "messages:"),
+    (
+        b'{"model": "default", "messages": [{"role": "robot", "content": "hi"}]}',
+        "application/json",
+        r"messages\.0\.role:",
+    ),
+    (
+        b'{"model": "default", "max_tokens": 0, '
+        b'"messages": [{"role": "user", "content": "hi"}]}',
+        "application/json",
+        "max_tokens:",
+    ),
+    (b'["not", "an", "object"]', "application/json", "body:"),
+    (b"model=default", "application/x-www-form-urlencoded", "body:"),
+    (b"", "application/json", "body:"),
+    (VALID_CHAT, None, "body:"),
+    (b'{"model": "default", "messages": [', "application/json", r"\d+: JSON decode"),
+]
+
+
+@pytest.mark.parametrize(("raw", "content_type", "place"), INVALID_CHATS)
+def test_an_invalid_chat_request_gets_422_naming_the_problem(
+    governed: Governed, raw: bytes, content_type: str | None, place: str
+) -> None:
+    response = governed.client.post(
+        "/v1/chat/completions",
+        content=raw,
+        headers={**governed.headers("bob"), **_content_type(content_type)},
+    )
+
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["request_id"] == response.headers["x-request-id"], body
+    assert any(re.match(place, problem) for problem in body["detail"]), body
+
+
+def _content_type(value: str | None) -> dict[str, str]:
+    return {} if value is None else {"Content-Type": value}
+
+
+def test_the_lean_route_judges_bodies_as_the_documented_route_does() -> None:
+    """The same body gets the same answer from FastAPI's validation and the lean one."""
+    documented = FastAPI()
+
+    @documented.post("/chat")
+    async def chat(body: ChatCompletionRequest) -> dict[str, Any]:
+        return body.model_dump(mode="json")
+
+    async def lean_chat(request: Request) -> Any:
+        body = _parsed_body(await request.body(), request.headers.get("content-type"))
+        return JSONResponse(body.model_dump(mode="json"))
+
+    lean = FastAPI(routes=[Route("/chat", lean_chat, methods=["POST"])])
+    bodies = [*INVALID_CHATS, (VALID_CHAT, "application/json; charset=utf-8", "")]
+    with TestClient(documented) as fastapi_side, TestClient(lean) as lean_side:
+        for raw, content_type, _ in bodies:
+            headers = _content_type(content_type)
+            expected = fastapi_side.post("/chat", content=raw, headers=headers)
+            got = lean_side.post("/chat", content=raw, headers=headers)
+
+            assert got.status_code == expected.status_code, (raw, got.text)
+            assert got.json() == expected.json(), (raw, got.text, expected.text)
+
+
+def test_the_openapi_schema_documents_the_chat_request(governed: Governed) -> None:
+    schema = governed.app.openapi()
+    operation = schema["paths"]["/v1/chat/completions"]["post"]
+
+    reference = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert reference["$ref"].endswith("/ChatCompletionRequest"), operation
+    assert (
+        "messages"
+        in schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    ), schema["components"]["schemas"]
+
+
+def test_an_oversized_chat_request_gets_413_and_is_audited(governed: Governed) -> None:
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "x" * 100_000}],
+    }
+    response = governed.client.post(
+        "/v1/chat/completions", json=body, headers=governed.headers("bob")
+    )
+
+    assert response.status_code == 413, response.text
+    records = governed.client.get(
+        "/admin/audit", params={"status": 413}, headers=governed.headers("alice")
+    ).json()["records"]
+    request_id = response.headers["x-request-id"]
+    (record,) = [r for r in records if r["request_id"] == request_id]
+    assert record["route"] == "POST /v1/chat/completions", record
+    assert "serve.max_request_bytes" in record["error"], record
+
+
+def test_each_request_gets_an_id_of_its_own(governed: Governed) -> None:
+    ids = [governed.chat("bob", f"hello number {n}") for n in range(3)]
+
+    assert all(r.status_code == 200 for r in ids), [r.text for r in ids]
+    values = [r.headers["x-request-id"] for r in ids]
+    assert len(set(values)) == 3, values
+    assert all(re.fullmatch(r"[0-9a-f]{32}", v) for v in values), values
+    assert [r.json()["id"] for r in ids] == [f"chatcmpl-{v}" for v in values]

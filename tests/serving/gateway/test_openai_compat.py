@@ -8,16 +8,26 @@ to do on demand: error statuses, malformed answers, silence, stalls.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import html
+import ipaddress
+import json
 import re
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import aclosing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pydantic
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from ingestion.errors import ProviderError, UpstreamError
 from serving.gateway._http import parse_retry_after, secret_free_excerpt
@@ -731,3 +741,309 @@ def test_settings_are_checked() -> None:
 
     assert config.base_url == "http://127.0.0.1:1/v1", config.base_url
     assert API_KEY not in repr(config) and API_KEY not in str(config.model_dump())
+
+
+# The transport: pooled keep-alive connections (a scripted HTTP/1.1 server).
+
+Answerer = Callable[["KeepAliveServer", int, bytes], Awaitable[bytes | None]]
+
+
+class KeepAliveServer:
+    """An HTTP/1.1 server on asyncio streams that keeps its connections open.
+
+    ``answer`` gets the server, the request's number (from 0) and its body,
+    and returns the raw answer to write, or None to close the connection
+    without one; an answer saying ``connection: close`` closes it after. The
+    server counts the connections it accepted and the most open at once.
+    """
+
+    def __init__(self, answer: Answerer, tls: ssl.SSLContext | None = None) -> None:
+        self.answer = answer
+        self.tls = tls
+        self.connections = 0
+        self.open = 0
+        self.most_open = 0
+        self.requests = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{port}/v1"
+
+    async def __aenter__(self) -> KeepAliveServer:
+        self._server = await asyncio.start_server(
+            self._serve, "127.0.0.1", 0, ssl=self.tls
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.connections += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        self._writers.add(writer)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                body = await reader.readexactly(int(length[1]) if length else 0)
+                number, self.requests = self.requests, self.requests + 1
+                answer = await self.answer(self, number, body)
+                if answer is None:
+                    return
+                writer.write(answer)
+                await writer.drain()
+                if b"connection: close" in answer.partition(b"\r\n\r\n")[0]:
+                    return
+        finally:
+            self.open -= 1
+            self._writers.discard(writer)
+            writer.close()
+
+
+def http_answer(
+    payload: Any, *, status: str = "200 OK", headers: str = "", chunked: bool = False
+) -> bytes:
+    """A raw HTTP/1.1 answer: JSON (or bytes) with its length, or in chunks."""
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{headers}"
+    if not chunked:
+        return f"{head}content-length: {len(body)}\r\n\r\n".encode() + body
+    half = len(body) // 2
+    parts = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:half], body[half:]))
+    return f"{head}transfer-encoding: chunked\r\n\r\n".encode() + parts + b"0\r\n\r\n"
+
+
+def serve_and_run(
+    answer: Answerer,
+    work: Callable[[OpenAICompatibleProvider], Awaitable[_T]],
+    **overrides: Any,
+) -> tuple[KeepAliveServer, _T]:
+    """Runs ``work`` with a provider of a :class:`KeepAliveServer` answering so."""
+
+    async def main() -> tuple[KeepAliveServer, _T]:
+        async with KeepAliveServer(answer) as server:
+            provider = OpenAICompatibleProvider(config_for(server.url, **overrides))
+            try:
+                return server, await work(provider)
+            finally:
+                await provider.close()
+
+    return asyncio.run(main())
+
+
+async def answer_hi(server: KeepAliveServer, number: int, body: bytes) -> bytes:
+    return http_answer(completion(f"hi {number}"))
+
+
+def test_successive_requests_share_one_keep_alive_connection() -> None:
+    async def five(provider: OpenAICompatibleProvider) -> list[str]:
+        return [(await provider.generate(ask())).text for _ in range(5)]
+
+    server, texts = serve_and_run(answer_hi, five)
+
+    assert texts == [f"hi {n}" for n in range(5)], texts
+    assert server.connections == 1, f"{server.connections} connections for 5 calls"
+
+
+def test_a_reused_connection_closed_unanswered_is_replaced_by_a_new_one() -> None:
+    async def answer_once_per_connection(
+        server: KeepAliveServer, number: int, body: bytes
+    ) -> bytes | None:
+        return None if number == 1 else http_answer(completion(f"hi {number}"))
+
+    async def two(provider: OpenAICompatibleProvider) -> list[str]:
+        return [(await provider.generate(ask())).text for _ in range(2)]
+
+    server, texts = serve_and_run(answer_once_per_connection, two)
+
+    assert texts == ["hi 0", "hi 2"], texts
+    assert server.connections == 2, server.connections
+
+
+def test_a_fresh_connection_closed_unanswered_is_a_retryable_error() -> None:
+    async def hang_up(server: KeepAliveServer, number: int, body: bytes) -> None:
+        return None
+
+    async def attempt(provider: OpenAICompatibleProvider) -> UpstreamError:
+        with pytest.raises(UpstreamError) as caught:
+            await provider.generate(ask())
+        return caught.value
+
+    server, err = serve_and_run(hang_up, attempt)
+
+    assert err.retryable and "closed the connection" in str(err), err
+    assert server.requests == 1, "a request on a fresh connection was sent twice"
+
+
+def test_requests_beyond_max_connections_wait_for_a_free_one() -> None:
+    async def slow(server: KeepAliveServer, number: int, body: bytes) -> bytes:
+        await asyncio.sleep(0.05)
+        return http_answer(completion("hi"))
+
+    async def eight_at_once(provider: OpenAICompatibleProvider) -> list[str]:
+        results = await asyncio.gather(*(provider.generate(ask()) for _ in range(8)))
+        return [r.text for r in results]
+
+    server, texts = serve_and_run(slow, eight_at_once, max_connections=2)
+
+    assert texts == ["hi"] * 8, texts
+    assert server.most_open <= 2, f"{server.most_open} connections open at once"
+
+
+def test_no_idle_connection_is_kept_when_keep_alive_is_off() -> None:
+    async def three(provider: OpenAICompatibleProvider) -> None:
+        for _ in range(3):
+            await provider.generate(ask())
+
+    server, _ = serve_and_run(answer_hi, three, max_keepalive_connections=0)
+
+    assert server.connections == 3, server.connections
+
+
+def test_answers_in_chunks_gzipped_or_closed_at_their_end_are_read_whole() -> None:
+    payload = completion("hi")
+    gzipped = gzip.compress(json.dumps(payload).encode())
+    answers = [
+        http_answer(payload, chunked=True),
+        http_answer(gzipped, headers="content-encoding: gzip\r\n"),
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + json.dumps(payload).encode(),
+        http_answer(payload),
+    ]
+
+    async def scripted(server: KeepAliveServer, number: int, body: bytes) -> bytes:
+        return answers[number]
+
+    async def four(provider: OpenAICompatibleProvider) -> list[str]:
+        return [(await provider.generate(ask())).text for _ in range(4)]
+
+    server, texts = serve_and_run(scripted, four)
+
+    assert texts == ["hi"] * 4, texts
+    assert server.connections == 2, "a connection closed by its answer was reused"
+
+
+def test_a_huge_error_answer_is_read_only_as_far_as_its_excerpt() -> None:
+    async def huge(server: KeepAliveServer, number: int, body: bytes) -> bytes:
+        text = "overloaded " + "x" * 4_000_000
+        return http_answer({"error": {"message": text}}, status="503 Unavailable")
+
+    async def attempt(provider: OpenAICompatibleProvider) -> UpstreamError:
+        with pytest.raises(UpstreamError) as caught:
+            await provider.generate(ask())
+        return caught.value
+
+    _, err = serve_and_run(huge, attempt)
+
+    assert (err.status, err.retryable) == (503, True), err
+    assert "overloaded" in str(err) and len(str(err)) < 600, str(err)[:600]
+
+
+def test_a_proxy_named_by_the_environment_carries_the_requests(
+    stub_upstream: StubUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "models.internal")
+    monkeypatch.setenv("HTTP_PROXY", stub_upstream.url)
+    stub_upstream.script(Reply(body=completion("via proxy")))
+
+    result = with_provider(
+        config_for("http://models.example:8000/v1"), lambda p: p.generate(ask())
+    )
+    bypassed = config_for("http://models.internal:1/v1")
+    unproxied = config_for("http://models.example:8000/v1", trust_env=False)
+
+    assert result.text == "via proxy", result
+    (received,) = stub_upstream.received
+    assert received.path == "http://models.example:8000/v1/chat/completions", received
+    assert "could not be connected" in str(failure(bypassed, stream=False))
+    assert failure(unproxied, stream=False).status is None
+    assert len(stub_upstream.received) == 1, "NO_PROXY or trust_env was ignored"
+
+
+def test_an_api_key_with_a_line_break_is_refused_without_echoing_it() -> None:
+    with pytest.raises(pydantic.ValidationError, match="line break") as caught:
+        config_for("http://127.0.0.1:1/v1", api_key="sk-secret-1234\nX-Evil: 1")
+
+    assert "sk-secret-1234" not in str(caught.value), caught.value
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_an_https_upstream_is_called_over_tls_with_the_environments_trust(
+    tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert_file, key_file = tls_files
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert_file, key_file)
+
+    async def main() -> tuple[list[str], str, int]:
+        async with KeepAliveServer(answer_hi, server_context) as server:
+            trusted = OpenAICompatibleProvider(config_for(server.url))
+            untrusted = OpenAICompatibleProvider(
+                config_for(server.url, trust_env=False)
+            )
+            try:
+                texts = [(await trusted.generate(ask())).text for _ in range(2)]
+                with pytest.raises(UpstreamError) as refused:
+                    await untrusted.generate(ask())
+                return texts, str(refused.value), server.connections
+            finally:
+                await trusted.close()
+                await untrusted.close()
+
+    texts, refused, connections = asyncio.run(main())
+
+    assert texts == ["hi 0", "hi 1"], texts
+    assert "could not be connected" in refused and "CERTIFICATE" in refused, refused
+    assert connections == 1, "the trusted calls did not share one connection"
