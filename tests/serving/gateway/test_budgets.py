@@ -17,9 +17,8 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,9 +45,10 @@ from serving.gateway.budgets import (
 from serving.gateway.providers import Usage
 from tests.conftest import REPO
 
+from ._support import REDIS_URL, run
+
 T = TypeVar("T")
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 START = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
 TEAM = Subjects(key_id="k-1", team="search")
 
@@ -64,22 +64,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A fresh key prefix; every key under it is deleted afterwards."""
-    prefix = f"ragline-test:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 StoreFactory = Callable[[BudgetsConfig], BudgetStore]

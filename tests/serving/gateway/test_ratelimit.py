@@ -7,20 +7,17 @@ deleted afterwards; a fake clock moves time without waiting.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import redis
 
 from ingestion.errors import CatalogError, RateLimited
 from serving.gateway.budgets import Subjects
@@ -34,36 +31,11 @@ from serving.gateway.ratelimit import (
 )
 from tests.conftest import REPO
 
+from ._support import REDIS_URL, FakeClock, run
+
 T = TypeVar("T")
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 KEY = Subjects(key_id="k-1", team="search")
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_741_608_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def run(coro: Awaitable[T]) -> T:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    prefix = f"ragline-test:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 StoreFactory = Callable[[], RateStore]
