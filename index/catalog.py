@@ -52,6 +52,7 @@ __all__ = [
     "DocumentView",
     "Generation",
     "SourceStatus",
+    "StreamProgress",
     "SyncRun",
     "utcnow",
 ]
@@ -178,6 +179,20 @@ sync_runs = sa.Table(
     sa.Column("error", sa.Text),
 )
 
+stream_progress = sa.Table(
+    "stream_progress",
+    metadata,
+    sa.Column("source", sa.String(64), primary_key=True),
+    # When the stream accepted the newest event that is now queryable.
+    sa.Column("last_event_at", sa.DateTime(timezone=True)),
+    sa.Column("last_commit_at", sa.DateTime(timezone=True)),
+    # Event-to-queryable seconds of the last batch: its slowest and its median event.
+    sa.Column("last_lag_max_s", sa.Float),
+    sa.Column("last_lag_p50_s", sa.Float),
+    sa.Column("events_applied", sa.BigInteger, nullable=False, default=0),
+    sa.Column("events_dead_lettered", sa.BigInteger, nullable=False, default=0),
+)
+
 embeddings = sa.Table(
     "embeddings",
     metadata,
@@ -296,6 +311,19 @@ class SourceStatus:
     last_run: SyncRun | None
     documents: int
     failed_documents: int
+    stream: StreamProgress | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamProgress:
+    """How a streaming source keeps up: the lag of its last committed batch."""
+
+    last_event_at: datetime | None
+    last_commit_at: datetime | None
+    last_lag_max_s: float | None
+    last_lag_p50_s: float | None
+    events_applied: int
+    events_dead_lettered: int
 
 
 class Catalog:
@@ -513,7 +541,18 @@ class Catalog:
     # -- documents -----------------------------------------------------------
 
     def document_states(
-        self, generation_id: int, source: str
+        self, generation_id: int, source: str, doc_ids: Sequence[str] | None = None
+    ) -> dict[str, DocumentState]:
+        """Per document of a source (or only ``doc_ids`` of it): status, hash, version."""
+        if doc_ids is not None:
+            found: dict[str, DocumentState] = {}
+            for batch in _batched(list(doc_ids)):
+                found.update(self._document_states(generation_id, source, batch))
+            return found
+        return self._document_states(generation_id, source, None)
+
+    def _document_states(
+        self, generation_id: int, source: str, doc_ids: Sequence[str] | None
     ) -> dict[str, DocumentState]:
         query = sa.select(
             documents.c.doc_id,
@@ -525,6 +564,8 @@ class Catalog:
         ).where(
             documents.c.generation_id == generation_id, documents.c.source == source
         )
+        if doc_ids is not None:
+            query = query.where(documents.c.doc_id.in_(doc_ids))
         with self._tx() as conn:
             return {
                 row.doc_id: DocumentState(
@@ -1074,6 +1115,9 @@ class Catalog:
                     run = None if run_row is None else _sync_run(run_row)
                 gen_id = generation_ids.get(row.collection)
                 docs, failed = _document_counts(conn, gen_id, row.name)
+                progress = conn.execute(
+                    stream_progress.select().where(stream_progress.c.source == row.name)
+                ).first()
                 statuses.append(
                     SourceStatus(
                         name=row.name,
@@ -1083,9 +1127,70 @@ class Catalog:
                         last_run=run,
                         documents=docs,
                         failed_documents=failed,
+                        stream=None if progress is None else _stream_progress(progress),
                     )
                 )
         return statuses
+
+    def record_stream_batch(
+        self,
+        source: str,
+        *,
+        newest_event_at: datetime | None,
+        lag_max_s: float | None,
+        lag_p50_s: float | None,
+        applied: int,
+        dead_lettered: int,
+        caught_up: bool,
+    ) -> None:
+        """Record a committed batch of a streaming source.
+
+        ``caught_up`` (the batch drained the stream) also counts as a
+        successful sync: the source is fresh as of now.
+        """
+        now = utcnow()
+        values: dict[str, Any] = {"last_commit_at": now}
+        if newest_event_at is not None:
+            values.update(
+                last_event_at=newest_event_at,
+                last_lag_max_s=lag_max_s,
+                last_lag_p50_s=lag_p50_s,
+            )
+        with self._tx() as conn:
+            updated = conn.execute(
+                stream_progress.update()
+                .where(stream_progress.c.source == source)
+                .values(
+                    events_applied=stream_progress.c.events_applied + applied,
+                    events_dead_lettered=stream_progress.c.events_dead_lettered
+                    + dead_lettered,
+                    **values,
+                )
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    stream_progress.insert().values(
+                        source=source,
+                        events_applied=applied,
+                        events_dead_lettered=dead_lettered,
+                        **values,
+                    )
+                )
+            if caught_up:
+                conn.execute(
+                    sources.update()
+                    .where(sources.c.name == source)
+                    .values(last_success_at=now)
+                )
+
+    def mark_source_fresh(self, source: str) -> None:
+        """A streaming source found its stream empty: it is fresh as of now."""
+        with self._tx() as conn:
+            conn.execute(
+                sources.update()
+                .where(sources.c.name == source)
+                .values(last_success_at=utcnow())
+            )
 
     def failed_documents(
         self, generation_id: int, source: str
@@ -1178,6 +1283,17 @@ def _masked(url: str) -> str:
 def _first_line(err: BaseException) -> str:
     return (
         str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    )
+
+
+def _stream_progress(row: Any) -> StreamProgress:
+    return StreamProgress(
+        last_event_at=_aware(row.last_event_at),
+        last_commit_at=_aware(row.last_commit_at),
+        last_lag_max_s=row.last_lag_max_s,
+        last_lag_p50_s=row.last_lag_p50_s,
+        events_applied=int(row.events_applied or 0),
+        events_dead_lettered=int(row.events_dead_lettered or 0),
     )
 
 

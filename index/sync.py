@@ -35,11 +35,19 @@ from ingestion.models import (
     vector_id,
 )
 from ingestion.pipeline import Pipeline, PreparedDocument
+from ingestion.streaming.events import Change, Delete, Upsert
 
 from .catalog import Catalog, DocumentRecord, DocumentState, Generation
 from .vectors.base import VectorIndex
 
-__all__ = ["FAILPOINT_ENV", "SyncReport", "recover", "sync_source"]
+__all__ = [
+    "FAILPOINT_ENV",
+    "ChangeReport",
+    "SyncReport",
+    "apply_changes",
+    "recover",
+    "sync_source",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -253,16 +261,20 @@ def sync_source(
     full: bool = False,
     batch_chunks: int = 1024,
     on_progress: ProgressCallback | None = None,
+    recover_first: bool = True,
 ) -> SyncReport:
     """Sync one source into one generation and return what was done.
 
     A ``SourceError`` (the source could not be listed completely) ends the
     sync with status ``failed``: what was written stays, nothing is deleted.
+    ``recover_first=False`` skips :func:`recover`, for a caller that already
+    recovered the generation and may have other writes to it in flight.
     """
     name = source.config.name
     report = SyncReport(name, generation.collection, generation.id, full=full)
     started = time.perf_counter()
-    recover(catalog, index, generation)
+    if recover_first:
+        recover(catalog, index, generation)
     config_hash = hashlib.sha256(source.config.model_dump_json().encode()).hexdigest()
     settings_changed = catalog.register_source(
         name, generation.collection, source.config.type, config_hash
@@ -469,3 +481,99 @@ def _document_record(doc: PreparedDocument) -> DocumentRecord:
         metadata=source_doc.metadata,
         chunk_count=len(doc.chunks),
     )
+
+
+@dataclass
+class ChangeReport:
+    """What one batch of stream changes did; ``errors`` maps message ids to errors."""
+
+    added: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    stale: int = 0
+    deleted: int = 0
+    chunks_written: int = 0
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def apply_changes(
+    changes: list[Change],
+    pipeline: Pipeline,
+    catalog: Catalog,
+    index: VectorIndex,
+    generation: Generation,
+) -> ChangeReport:
+    """Write a batch of stream changes (one per document) to one generation.
+
+    The writes follow the same crash-safe order as :func:`sync_source`, so a
+    process killed half way leaves the last good state queryable and the
+    next :func:`recover` cleans up. Applying a batch again changes nothing:
+    an upsert whose content is already indexed is skipped, a delete of a
+    missing document does nothing, and an event older (by stream position)
+    than the indexed version is ignored. A document that cannot be parsed is
+    recorded as failed and its message id returned in ``errors``; the other
+    changes are written.
+    """
+    report = ChangeReport()
+    if not changes:
+        return report
+    gen_id = generation.id
+    by_source: dict[str, list[str]] = {}
+    for change in changes:
+        source = change.document.source if isinstance(change, Upsert) else change.source
+        by_source.setdefault(source, []).append(change.doc_id)
+    states: dict[str, DocumentState] = {}
+    for source, doc_ids in by_source.items():
+        states.update(catalog.document_states(gen_id, source, doc_ids))
+    indexed = {d for d, s in states.items() if s.status == "indexed"}
+    sync = SyncReport("stream", generation.collection, gen_id)
+    writer = _Writer(pipeline, catalog, index, generation, sync, 1 << 30, indexed)
+    deletes: list[str] = []
+    for change in changes:
+        state = states.get(change.doc_id)
+        if isinstance(change, Delete):
+            if state is not None:
+                deletes.append(change.doc_id)
+            continue
+        document = change.document
+        if (
+            state is not None
+            and state.version
+            and document.version
+            and document.version < state.version
+        ):
+            report.stale += 1  # a late redelivery of an older event
+            continue
+        content_hash = document.content_hash
+        if (
+            state is not None
+            and state.status == "indexed"
+            and state.content_hash == content_hash
+        ):
+            report.unchanged += 1
+            if state.version != document.version:
+                writer.handle(_Touch(document.doc_id, document.version))
+            continue
+        try:
+            writer.handle(pipeline.prepare(document, content_hash))
+        except DocumentError as err:
+            report.errors[change.delivery.message_id] = str(err)
+            writer.handle(
+                _Failure(
+                    document.doc_id,
+                    document.source,
+                    document.key,
+                    document.uri,
+                    str(err),
+                    content_hash,
+                )
+            )
+    writer.flush()
+    if deletes:
+        retired = catalog.begin_delete_documents(gen_id, deletes)
+        _failpoint("after_delete_mark")
+        _remove_vectors(catalog, index, gen_id, retired, "after_delete_index")
+        report.deleted = len(deletes)
+    report.added, report.changed = sync.added, sync.changed
+    report.chunks_written = sync.chunks_written
+    return report

@@ -7,15 +7,22 @@ of :class:`SourceConfig`.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+from datetime import timedelta
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 __all__ = [
     "DEFAULT_EMBEDDING_MODEL",
     "NAME_PATTERN",
     "ChunkingConfig",
+    "Duration",
     "EmbedderConfig",
+    "Schedule",
     "SourceConfig",
     "StrictModel",
+    "parse_duration",
 ]
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
@@ -29,8 +36,60 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """``90``, ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"`` or ``"250ms"`` as a timedelta.
+
+    Anything else is handed on for pydantic to judge (a timedelta, ISO 8601).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            number, unit = float(match.group(1)), match.group(2) or "s"
+            return timedelta(seconds=number * _UNIT_SECONDS[unit])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+"""A length of time written as seconds or with a unit: ``30s``, ``15m``, ``2h``, ``1d``."""
+
+
+class Schedule(StrictModel):
+    """When a job runs by itself: every ``interval``, or at the times of a ``cron`` line."""
+
+    interval: Duration | None = Field(
+        default=None, description="Run this often, e.g. 15m or 1h."
+    )
+    cron: str | None = Field(
+        default=None, description="A five-field cron line, e.g. '0 3 * * *'."
+    )
+    timezone: str = Field(default="UTC", description="Time zone of the cron line.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Schedule:
+        if (self.interval is None) == (self.cron is None):
+            raise ValueError("give exactly one of 'interval' (e.g. 15m) or 'cron'")
+        if self.interval is not None and self.interval.total_seconds() < 1:
+            raise ValueError("interval must be at least one second")
+        if self.cron is not None and len(self.cron.split()) != 5:
+            raise ValueError(
+                f"cron {self.cron!r} must have five fields: minute hour day month weekday"
+            )
+        return self
+
+
 class SourceConfig(StrictModel):
     """What every source has; a connector's own model adds its settings."""
+
+    streaming: ClassVar[bool] = False
+    """True for sources that push events (streams) instead of being listed."""
 
     name: str = Field(pattern=NAME_PATTERN, description="Unique name of the source.")
     type: str = Field(description="Connector type: files, web, sql, or module:Class.")
@@ -44,6 +103,16 @@ class SourceConfig(StrictModel):
         default=20 * 1024 * 1024,
         gt=0,
         description="Documents larger than this are recorded as failed, not read.",
+    )
+    schedule: Schedule | None = Field(
+        default=None,
+        description="How often the source is synced when flows are deployed "
+        "(interval or cron). Unset: only when asked. Streaming sources ignore it.",
+    )
+    max_staleness: Duration | None = Field(
+        default=None,
+        description="Freshness objective: the longest the index may lag the source "
+        "(e.g. 2h). A source past it raises a freshness alert.",
     )
 
 

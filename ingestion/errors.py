@@ -8,7 +8,8 @@ working for callers who do not know ragline::
     ├── ConfigError (ValueError)          the settings file or a setting is wrong
     ├── SourceError (OSError)             a connector could not read its source
     ├── DocumentError (ValueError)        one document could not be parsed
-    │   └── DocumentTooLarge
+    │   ├── DocumentTooLarge
+    │   └── BadEvent                      a stream message is not a valid change event
     ├── EmbeddingError (RuntimeError)     the embedding model failed or is missing
     ├── CatalogError (RuntimeError)       the catalog database failed
     ├── IndexBackendError (RuntimeError)  a vector index backend failed
@@ -24,7 +25,8 @@ working for callers who do not know ragline::
     └── Throttled                         the caller must wait before asking again
         ├── BudgetExceeded                a token or cost budget is spent
         ├── RateLimited                   too many requests or tokens per minute
-        └── LoopDetected                  the same request again and again
+        ├── LoopDetected                  the same request again and again
+        └── StreamBacklogged              a stream's consumer is behind; pushes wait
 
 Messages are sentences that name the thing at fault and say what to do.
 Always chain the cause: ``raise SourceError(...) from err``.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 __all__ = [
     "AccessDenied",
+    "BadEvent",
     "BudgetExceeded",
     "CatalogError",
     "ConfigError",
@@ -51,6 +54,7 @@ __all__ = [
     "RateLimited",
     "RequestError",
     "SourceError",
+    "StreamBacklogged",
     "Throttled",
     "Unauthenticated",
     "UpstreamError",
@@ -75,6 +79,10 @@ class DocumentError(RaglineError, ValueError):
 
 class DocumentTooLarge(DocumentError):
     """A document is larger than the configured limit."""
+
+
+class BadEvent(DocumentError):
+    """A stream message is not a valid change event; it goes to the dead-letter stream."""
 
 
 class EmbeddingError(RaglineError, RuntimeError):
@@ -196,3 +204,7 @@ class RateLimited(Throttled):
 
 class LoopDetected(Throttled):
     """The same key sent the same request too many times in a short window."""
+
+
+class StreamBacklogged(Throttled):
+    """Too many events wait in a stream to be indexed; pushes are refused (HTTP 503)."""

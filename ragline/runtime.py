@@ -8,8 +8,12 @@ stands behind each protocol; the packages below only see the protocols.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
-from collections.abc import Callable
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,14 +25,22 @@ from index.generations import (
     generation_for_ingest,
     verify_generation,
 )
-from index.sync import SyncReport, sync_source
+from index.sync import SyncReport, apply_changes, recover, sync_source
 from index.vectors import open_vector_index
 from index.vectors.base import VectorIndex
 from ingestion.config import EmbedderConfig
 from ingestion.connectors.base import Source, connector_for
 from ingestion.embedding import CachedEmbedder, SentenceTransformerEmbedder
-from ingestion.errors import GenerationError
+from ingestion.errors import (
+    ConfigError,
+    GenerationError,
+    RequestError,
+    StreamBacklogged,
+)
 from ingestion.pipeline import Pipeline
+from ingestion.streaming.base import StreamBackend, StreamSourceConfig
+from ingestion.streaming.consumer import BatchOutcome, ConsumerStats, StreamConsumer
+from ingestion.streaming.events import Change, encode_event
 from retrieval.config import SearchMode
 from retrieval.retriever import Retriever, SearchHit
 
@@ -49,6 +61,9 @@ class Runtime:
     _catalog: Catalog | None = None
     _embedders: dict[EmbedderConfig, CachedEmbedder] = field(default_factory=dict)
     _indexes: dict[int, VectorIndex] = field(default_factory=dict)
+    _recovered: set[int] = field(default_factory=set)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _backends: dict[str, StreamBackend] = field(default_factory=dict)
 
     # -- parts ---------------------------------------------------------------
 
@@ -83,6 +98,10 @@ class Runtime:
 
     def index(self, generation: Generation) -> VectorIndex:
         """The vector index of a generation, opened once."""
+        with self._lock:
+            return self._open_index(generation)
+
+    def _open_index(self, generation: Generation) -> VectorIndex:
         if generation.id not in self._indexes:
             collection = self.settings.collection(generation.collection)
             dim = generation.pipeline.get("dim")
@@ -99,9 +118,13 @@ class Runtime:
         return self._indexes[generation.id]
 
     def close(self) -> None:
+        for backend in self._backends.values():
+            backend.close()
+        self._backends.clear()
         for index in self._indexes.values():
             index.close()
         self._indexes.clear()
+        self._recovered.clear()
         if self._catalog is not None:
             self._catalog.close()
             self._catalog = None
@@ -115,11 +138,22 @@ class Runtime:
         full: bool = False,
         on_progress: ProgressCallback | None = None,
     ) -> list[SyncReport]:
-        """Sync sources into the live generation of their collections."""
-        names = source_names or [s.name for s in self.settings.sources]
+        """Sync batch sources into the live generation of their collections.
+
+        Without names, every batch source; streaming sources are consumed by
+        :meth:`consume` instead, and naming one here is an error.
+        """
+        names = source_names or [
+            s.name for s in self.settings.sources if not s.streaming
+        ]
         reports = []
         for name in names:
             config = self.settings.source(name)
+            if config.streaming:
+                raise ConfigError(
+                    f"Source {name!r} is a stream and is not listed in batches; "
+                    f"consume it with `ragline stream {name}`."
+                )
             collection = self.settings.collection(config.collection)
             pipeline = self.pipeline(collection, config.max_document_bytes)
             generation = generation_for_ingest(
@@ -137,7 +171,9 @@ class Runtime:
     ) -> tuple[Generation, list[SyncReport]]:
         """Build a new generation of a collection from all its sources, beside the live one."""
         collection = self.settings.collection(collection_name)
-        sources = self.settings.sources_of(collection.name)
+        sources = [
+            s for s in self.settings.sources_of(collection.name) if not s.streaming
+        ]
         if not sources:
             raise GenerationError(
                 f"Collection {collection.name!r} has no sources to build from; add one "
@@ -224,16 +260,156 @@ class Runtime:
         full: bool,
         on_progress: ProgressCallback | None,
     ) -> SyncReport:
+        index = self._recovered_index(generation)
         return sync_source(
             self.source(name),
             pipeline,
             self.catalog,
-            self.index(generation),
+            index,
             generation,
             full=full,
             batch_chunks=self.settings.ingest.batch_chunks,
             on_progress=on_progress,
+            recover_first=False,
         )
+
+    def _recovered_index(self, generation: Generation) -> VectorIndex:
+        """The generation's index, after finishing what an earlier process left.
+
+        Recovery runs once per generation and process: later writers in this
+        process (a batch sync beside a stream consumer) must not undo each
+        other's writes in flight.
+        """
+        with self._lock:
+            index = self._open_index(generation)
+            if generation.id not in self._recovered:
+                recover(self.catalog, index, generation)
+                self._recovered.add(generation.id)
+            return index
+
+    # -- streaming sources ---------------------------------------------------
+
+    def stream_config(self, name: str) -> StreamSourceConfig:
+        config = self.settings.source(name)
+        if not isinstance(config, StreamSourceConfig):
+            streams = [s.name for s in self.settings.sources if s.streaming]
+            raise ConfigError(
+                f"Source {name!r} is a {config.type} source, not a stream; the "
+                f"streaming sources are: {', '.join(streams) or 'none'}."
+            )
+        return config
+
+    def stream_backend(self, name: str) -> StreamBackend:
+        """The opened stream behind a streaming source, shared by pushes in this process."""
+        with self._lock:
+            if name not in self._backends:
+                self.stream_config(name)
+                backend = self.source(name).backend()  # type: ignore[attr-defined]
+                backend.open()
+                self._backends[name] = backend
+            return self._backends[name]
+
+    def stream_consumer(
+        self,
+        name: str,
+        *,
+        on_batch: Callable[[BatchOutcome], None] | None = None,
+    ) -> StreamConsumer:
+        """A consumer that applies a streaming source's events to the live generation."""
+        config = self.stream_config(name)
+        collection = self.settings.collection(config.collection)
+        pipeline = self.pipeline(collection, config.max_document_bytes)
+        catalog = self.catalog
+        settings_json = config.model_dump_json(exclude={"consumer"})
+        catalog.register_source(
+            name,
+            collection.name,
+            config.type,
+            hashlib.sha256(settings_json.encode()).hexdigest(),
+        )
+
+        def apply(changes: Sequence[Change]) -> Mapping[str, str]:
+            generation = generation_for_ingest(
+                catalog,
+                collection.name,
+                collection.index,
+                functools.partial(self._pipeline_record, pipeline),
+                pipeline.fingerprint(),
+            )
+            index = self._recovered_index(generation)
+            return apply_changes(
+                list(changes), pipeline, catalog, index, generation
+            ).errors
+
+        fresh_marked = [0.0]
+
+        def record(outcome: BatchOutcome) -> None:
+            lags = sorted(outcome.lags)
+            catalog.record_stream_batch(
+                name,
+                newest_event_at=(
+                    datetime.fromtimestamp(outcome.committed_at - lags[0], UTC)
+                    if lags
+                    else None
+                ),
+                lag_max_s=lags[-1] if lags else None,
+                lag_p50_s=statistics.median(lags) if lags else None,
+                applied=outcome.applied,
+                dead_lettered=outcome.dead_lettered,
+                caught_up=outcome.caught_up,
+            )
+            if outcome.caught_up:
+                fresh_marked[0] = time.monotonic()
+            if on_batch is not None:
+                on_batch(outcome)
+
+        def idle() -> None:
+            # An empty stream means the source is fresh; say so now and then.
+            now = time.monotonic()
+            if now - fresh_marked[0] >= 5.0:
+                catalog.mark_source_fresh(name)
+                fresh_marked[0] = now
+
+        backend = self.source(name).backend()  # type: ignore[attr-defined]
+        return StreamConsumer(config, backend, apply, on_batch=record, on_idle=idle)
+
+    def consume(
+        self,
+        name: str,
+        stop: threading.Event | None = None,
+        *,
+        max_events: int | None = None,
+        idle_exit_s: float | None = None,
+        on_batch: Callable[[BatchOutcome], None] | None = None,
+    ) -> ConsumerStats:
+        """Consume a streaming source until ``stop`` (or the limits) end it."""
+        consumer = self.stream_consumer(name, on_batch=on_batch)
+        try:
+            return consumer.run(stop, max_events=max_events, idle_exit_s=idle_exit_s)
+        finally:
+            consumer.close()
+
+    def push(self, name: str, event: Mapping[str, Any]) -> str:
+        """Validate an event and append it to a streaming source; returns its id.
+
+        Raises ``RequestError`` for an invalid event and ``Throttled`` while the
+        stream's backlog is over ``max_backlog`` (the consumer is behind).
+        """
+        config = self.stream_config(name)
+        try:
+            payload = encode_event(event)
+        except ValueError as err:
+            raise RequestError(str(err)) from err
+        backend = self.stream_backend(name)
+        backlog = backend.backlog()
+        if backlog >= config.max_backlog:
+            raise StreamBacklogged(
+                f"Source {name!r} has {backlog:,} events waiting to be indexed, over "
+                f"its max_backlog of {config.max_backlog:,}: the consumer is behind. "
+                "Retry in a few seconds.",
+                retry_after=5.0,
+            )
+        return backend.append(payload)
 
     @staticmethod
     def _pipeline_record(pipeline: Pipeline) -> dict[str, object]:

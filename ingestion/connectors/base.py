@@ -118,4 +118,5 @@ def _import_connector(path: str) -> tuple[type[SourceConfig], SourceFactory]:
 
 def _load_builtin_connectors() -> None:
     # Importing the modules runs their @register_connector decorators.
+    from ..streaming import nats_jetstream, redis_streams  # noqa: F401
     from . import files, sql, web  # noqa: F401

@@ -1,0 +1,1 @@
+"""Streaming sources: change events from Redis Streams or NATS JetStream."""
