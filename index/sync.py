@@ -531,19 +531,14 @@ def apply_changes(
     deletes: list[str] = []
     for change in changes:
         state = states.get(change.doc_id)
+        if state is not None and _older(change.delivery.order, state.version):
+            report.stale += 1  # a late redelivery of an older event
+            continue
         if isinstance(change, Delete):
             if state is not None:
                 deletes.append(change.doc_id)
             continue
         document = change.document
-        if (
-            state is not None
-            and state.version
-            and document.version
-            and document.version < state.version
-        ):
-            report.stale += 1  # a late redelivery of an older event
-            continue
         content_hash = document.content_hash
         if (
             state is not None
@@ -577,3 +572,12 @@ def apply_changes(
     report.added, report.changed = sync.added, sync.changed
     report.chunks_written = sync.chunks_written
     return report
+
+
+def _older(position: str, indexed_version: str | None) -> bool:
+    """Whether an event comes before the indexed version in its stream.
+
+    Deletes are checked too: a late redelivery of an old delete must not
+    remove the document a newer upsert wrote.
+    """
+    return bool(position and indexed_version and position < indexed_version)

@@ -165,8 +165,11 @@ class StreamConsumer:
 
     def _gather(self) -> list[Delivery]:
         limit = self.config.batch_max_events
+        asked = time.time()
         batch = self.backend.read(limit, self.config.poll_wait.total_seconds())
-        if not batch:
+        if not batch or batch[0].appended_at < asked - 0.001:
+            # Events were already waiting: the consumer is behind, and lingering
+            # for more would only leave the embedder idle.
             return batch
         deadline = time.monotonic() + self.config.batch_max_wait.total_seconds()
         while len(batch) < limit:
@@ -241,14 +244,21 @@ class StreamConsumer:
         if not changes:
             return {}
         attempt = 0
+        alone = False
         while True:
             attempt += 1
             try:
+                if alone:
+                    return self._apply_one_by_one(changes)
                 return dict(self.apply(changes))
             except Exception as err:
                 self.stats.failures += 1
                 store_failed = isinstance(err, _STORE_ERRORS)
-                if attempt >= self.config.max_deliveries and not store_failed:
+                if (
+                    not alone
+                    and attempt >= self.config.max_deliveries
+                    and not store_failed
+                ):
                     logger.error(
                         "stream batch keeps failing; applying its events one by one: "
                         "source=%s events=%d attempts=%d error=%s",
@@ -257,7 +267,8 @@ class StreamConsumer:
                         attempt,
                         err,
                     )
-                    return self._apply_one_by_one(changes)
+                    alone = True
+                    continue
                 delay = self._backoff(attempt)
                 logger.warning(
                     "stream batch failed, retrying: source=%s events=%d attempt=%d "
@@ -272,10 +283,13 @@ class StreamConsumer:
                     raise _Stopped from err
 
     def _apply_one_by_one(self, changes: list[Change]) -> dict[str, str]:
+        """Each change alone; a store failure is raised, never blamed on the event."""
         errors: dict[str, str] = {}
         for change in changes:
             try:
                 errors.update(self.apply([change]))
+            except _STORE_ERRORS:
+                raise
             except Exception as err:  # noqa: BLE001 - recorded with the dead letter
                 errors[change.delivery.message_id] = (
                     f"applying the event failed {self.config.max_deliveries} times in "

@@ -169,7 +169,9 @@ class NatsStreamBackend:
             await self._open()
         try:
             messages = await self._sub.fetch(max_events, timeout=max(0.05, wait_s))
-        except nats.errors.TimeoutError:
+        except TimeoutError:
+            # No message in time. The client raises its own TimeoutError or
+            # plain asyncio's, depending on where the wait ran out.
             return []
         except nats.errors.Error as err:
             raise unavailable(

@@ -96,6 +96,7 @@ class RedisStreamBackend:
         self.config = config
         self._client: redis.Redis | None = None
         self._own_pending = True
+        self._pending_cursor = "0"
         self._next_claim = 0.0
 
     @contextmanager
@@ -133,14 +134,16 @@ class RedisStreamBackend:
                 if "BUSYGROUP" not in str(err):
                     raise
         self._own_pending = True
+        self._pending_cursor = "0"
 
     def read(self, max_events: int, wait_s: float) -> list[Delivery]:
         with self._errors("read"):
-            if self._own_pending:
-                own = self._read_group("0", max_events, block_ms=None)
+            # The pending list is walked once per open, from a cursor: reading
+            # it from "0" again would hand the same messages over twice.
+            while self._own_pending:
+                own = self._read_group(self._pending_cursor, max_events, block_ms=None)
                 if own:
                     return own
-                self._own_pending = False
             claimed = self._claim_abandoned(max_events)
             if claimed:
                 return claimed
@@ -159,7 +162,15 @@ class RedisStreamBackend:
             block=block_ms,
         )
         entries: list[Any] = reply[0][1] if reply else []
-        attempt = 2 if start == "0" else 1
+        attempt = 1 if start == ">" else 2
+        if start != ">":
+            if not entries:
+                self._own_pending = False
+            else:
+                last = entries[-1][0]
+                self._pending_cursor = (
+                    last.decode() if isinstance(last, bytes) else last
+                )
         deliveries = []
         gone = []
         for raw_id, fields in entries:
