@@ -28,7 +28,7 @@ from index.generations import (
 from index.sync import SyncReport, apply_changes, recover, sync_source
 from index.vectors import open_vector_index
 from index.vectors.base import VectorIndex
-from ingestion.config import EmbedderConfig
+from ingestion.config import EmbedderConfig, SourceConfig
 from ingestion.connectors.base import Source, connector_for
 from ingestion.embedding import CachedEmbedder, SentenceTransformerEmbedder
 from ingestion.errors import (
@@ -64,6 +64,7 @@ class Runtime:
     _recovered: set[int] = field(default_factory=set)
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _backends: dict[str, StreamBackend] = field(default_factory=dict)
+    _backlogs: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     # -- parts ---------------------------------------------------------------
 
@@ -245,11 +246,22 @@ class Runtime:
         declared source that never synced says ``never_synced``.
         """
         live = self.catalog.aliases()
-        rows = [_status_row(s) for s in self.catalog.source_status(live)]
-        declared = {s.name for s in self.settings.sources}
-        return [r for r in rows if r["source"] in declared] + [
-            {"source": name, "never_synced": True}
-            for name in sorted(declared - {r["source"] for r in rows})
+        declared = {s.name: s for s in self.settings.sources}
+        rows = [
+            _status_row(s, declared[s.name])
+            for s in self.catalog.source_status(live)
+            if s.name in declared
+        ]
+        seen = {r["source"] for r in rows}
+        return rows + [
+            {
+                "source": name,
+                "collection": declared[name].collection,
+                "type": declared[name].type,
+                "never_synced": True,
+                **_objective(declared[name], None),
+            }
+            for name in sorted(set(declared) - seen)
         ]
 
     def _sync(
@@ -308,6 +320,17 @@ class Runtime:
                 backend.open()
                 self._backends[name] = backend
             return self._backends[name]
+
+    def _backlog(self, name: str, backend: StreamBackend, limit: int) -> int:
+        """The stream's backlog: asked at most every half second while far from
+        ``limit``, and counted up by this process's own pushes in between."""
+        now = time.monotonic()
+        known = self._backlogs.get(name)
+        if known is not None and now - known[0] < 0.5 and known[1] < 0.9 * limit:
+            return known[1]
+        backlog = backend.backlog()
+        self._backlogs[name] = (now, backlog)
+        return backlog
 
     def stream_consumer(
         self,
@@ -401,7 +424,7 @@ class Runtime:
         except ValueError as err:
             raise RequestError(str(err)) from err
         backend = self.stream_backend(name)
-        backlog = backend.backlog()
+        backlog = self._backlog(name, backend, config.max_backlog)
         if backlog >= config.max_backlog:
             raise StreamBacklogged(
                 f"Source {name!r} has {backlog:,} events waiting to be indexed, over "
@@ -409,20 +432,74 @@ class Runtime:
                 "Retry in a few seconds.",
                 retry_after=5.0,
             )
-        return backend.append(payload)
+        message_id = backend.append(payload)
+        asked_at, counted = self._backlogs[name]
+        self._backlogs[name] = (asked_at, counted + 1)
+        return message_id
 
     @staticmethod
     def _pipeline_record(pipeline: Pipeline) -> dict[str, object]:
         return {**pipeline.describe(), "dim": pipeline.embedder.dim}
 
+    # -- operations for flows --
 
-def _status_row(status: SourceStatus) -> dict[str, Any]:
+    def search_generation(
+        self,
+        generation: Generation,
+        query: str,
+        k: int,
+        *,
+        mode: SearchMode | None = None,
+    ) -> list[SearchHit]:
+        """Search any generation, live or a candidate (no access filter)."""
+        collection = self.settings.collection(generation.collection)
+        retriever = Retriever(
+            self.catalog,
+            self.index(generation),
+            generation,
+            self.embedder(collection).inner,
+            self.settings.retrieval,
+        )
+        return retriever.search(query, k, mode=mode)
+
+    def is_current(self, generation: Generation) -> bool:
+        """True when a generation was built with the configured pipeline and backend."""
+        collection = self.settings.collection(generation.collection)
+        pipeline = self.pipeline(collection, max_document_bytes=1)
+        return (
+            generation.fingerprint == pipeline.fingerprint()
+            and generation.backend == collection.index
+        )
+
+
+def _objective(config: SourceConfig, staleness: float | None) -> dict[str, Any]:
+    """The source's freshness objective and whether it is met (never synced: not)."""
+    if config.max_staleness is None:
+        return {"max_staleness_s": None, "stale": None}
+    limit = config.max_staleness.total_seconds()
+    return {
+        "max_staleness_s": limit,
+        "stale": staleness is None or staleness > limit,
+    }
+
+
+def _status_row(status: SourceStatus, config: SourceConfig) -> dict[str, Any]:
     run = status.last_run
     staleness = None
     if status.last_success_at is not None:
         staleness = round(
             (datetime.now(UTC) - status.last_success_at).total_seconds(), 1
         )
+    stream = status.stream
+    streaming = {}
+    if stream is not None:
+        streaming = {
+            "last_event_at": _iso(stream.last_event_at),
+            "event_lag_s": stream.last_lag_max_s,
+            "event_lag_p50_s": stream.last_lag_p50_s,
+            "events_applied": stream.events_applied,
+            "events_dead_lettered": stream.events_dead_lettered,
+        }
     return {
         "source": status.name,
         "collection": status.collection,
@@ -439,6 +516,8 @@ def _status_row(status: SourceStatus) -> dict[str, Any]:
         "deleted": run.deleted if run else None,
         "failed": run.failed if run else None,
         "last_error": run.error if run else None,
+        **_objective(config, staleness),
+        **streaming,
     }
 
 

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,7 @@ from serving.gateway.routing import (
     VirtualModelConfig,
 )
 from serving.gateway.store import ApiKeyStore
+from serving.ingest_api import ingest_router
 from serving.observability import Observer
 from serving.openai_api import openai_router
 from serving.service import AnswerService
@@ -233,16 +234,22 @@ class _TracedReranker(Reranker):
 
 class _ServiceReadiness(Readiness):
     def __init__(
-        self, collections: LiveCollections, provider: Provider, observer: Observer
+        self,
+        collections: LiveCollections,
+        provider: Provider,
+        observer: Observer,
+        freshness: Callable[[], list[dict[str, Any]]],
     ) -> None:
         self._collections = collections
         self._provider = provider
         self._observer = observer
+        self._freshness = freshness
 
     def check(self) -> tuple[bool, dict[str, Any]]:
         states = self._collections.open_all()
         for name, (generation, chunks) in self._collections.index_sizes().items():
             self._observer.index_size(name, generation, chunks)
+        self._observer.source_freshness(self._freshness())
         model_ready = bool(getattr(self._provider, "loaded", True))
         return model_ready, {"model_loaded": model_ready, "collections": states}
 
@@ -286,6 +293,9 @@ def build_app(
         model=gateway.ask_model,
     )
 
+    def streams() -> dict[str, str]:
+        return {s.name: s.collection for s in settings.sources if s.streaming}
+
     async def start() -> None:
         states = await asyncio.to_thread(collections.open_all)
         for name, state in states.items():
@@ -308,8 +318,12 @@ def build_app(
         service,
         observer=observer,
         gateway=gateway,
-        routers=[openai_router(service, gateway), admin_router(gateway)],
-        readiness=_ServiceReadiness(collections, model, observer),
+        routers=[
+            openai_router(service, gateway),
+            admin_router(gateway),
+            ingest_router(gateway, runtime.push, streams),
+        ],
+        readiness=_ServiceReadiness(collections, model, observer, runtime.source_rows),
         freshness=runtime.source_rows,
         max_request_bytes=serve.max_request_bytes,
         on_startup=start,

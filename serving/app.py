@@ -61,6 +61,7 @@ from ingestion.errors import (
     ProviderUnavailable,
     RaglineError,
     RequestError,
+    StreamBacklogged,
     Throttled,
     Unauthenticated,
 )
@@ -392,6 +393,7 @@ _STATUS: tuple[tuple[type[RaglineError], int], ...] = (
     (AccessDenied, 403),
     (NotFound, 404),
     (RequestError, 400),
+    (StreamBacklogged, 503),
     (Throttled, 429),
     (GenerationError, 503),
     (ProviderUnavailable, 503),

@@ -19,7 +19,7 @@ by default, ``console``, or ``otlp`` to an OTLP/HTTP collector).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -103,6 +103,37 @@ class Observer:
             ["collection", "generation"],
             registry=self.registry,
         )
+        self._staleness = Gauge(
+            "ragline_source_staleness_seconds",
+            "Seconds since each source was last known to be in the index in full "
+            "(last successful sync, or a stream found drained).",
+            ["source", "collection"],
+            registry=self.registry,
+        )
+        self._objective = Gauge(
+            "ragline_source_max_staleness_seconds",
+            "The freshness objective of each source that declares one.",
+            ["source", "collection"],
+            registry=self.registry,
+        )
+        self._stale = Gauge(
+            "ragline_source_stale",
+            "1 while a source is past its freshness objective (or never synced).",
+            ["source", "collection"],
+            registry=self.registry,
+        )
+        self._event_lag = Gauge(
+            "ragline_source_event_lag_seconds",
+            "Event-to-queryable lag of a streaming source's last committed batch.",
+            ["source", "collection", "quantile"],
+            registry=self.registry,
+        )
+        self._events = Gauge(
+            "ragline_source_events",
+            "Change events of a streaming source, applied or dead-lettered, in all.",
+            ["source", "collection", "outcome"],
+            registry=self.registry,
+        )
         self._tracer = _tracer(tracing or TracingConfig())
 
     # -- metrics -----------------------------------------------------------
@@ -128,6 +159,25 @@ class Observer:
 
     def index_size(self, collection: str, generation: int, chunks: int) -> None:
         self._chunks.labels(collection, str(generation)).set(chunks)
+
+    def source_freshness(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Set the freshness gauges from ``Runtime.source_rows`` style rows."""
+        for row in rows:
+            labels = (str(row["source"]), str(row.get("collection") or ""))
+            if row.get("staleness_s") is not None:
+                self._staleness.labels(*labels).set(row["staleness_s"])
+            if row.get("max_staleness_s") is not None:
+                self._objective.labels(*labels).set(row["max_staleness_s"])
+                self._stale.labels(*labels).set(1 if row.get("stale") else 0)
+            for quantile, key in (("max", "event_lag_s"), ("0.5", "event_lag_p50_s")):
+                if row.get(key) is not None:
+                    self._event_lag.labels(*labels, quantile).set(row[key])
+            for outcome, key in (
+                ("applied", "events_applied"),
+                ("dead_lettered", "events_dead_lettered"),
+            ):
+                if row.get(key) is not None:
+                    self._events.labels(*labels, outcome).set(row[key])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -103,7 +103,8 @@ def test_a_source_must_name_a_declared_collection(tmp_path: Path) -> None:
 def test_an_unknown_source_type_lists_the_known_ones(tmp_path: Path) -> None:
     text = MINIMAL.replace("type: files", "type: filez")
     with pytest.raises(
-        ConfigError, match=r"Unknown source type 'filez'\. Use one of files, sql, web"
+        ConfigError,
+        match=r"Unknown source type 'filez'\. Use one of files, nats, redis_stream, sql, web",
     ):
         load_settings(_write(tmp_path, text))
 

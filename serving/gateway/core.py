@@ -69,7 +69,7 @@ _MESSAGE_OVERHEAD = 4
 # Completion tokens reserved when a request sets no max_tokens.
 _DEFAULT_COMPLETION = 256
 
-GOVERNED_PREFIXES = ("/ask", "/search", "/v1/", "/admin/")
+GOVERNED_PREFIXES = ("/ask", "/search", "/v1/", "/admin/", "/ingest/")
 """Paths whose requests are governed, and audited."""
 
 
@@ -236,6 +236,9 @@ class Gateway:
 
     def check_admin(self, identity: Identity) -> None:
         self.check(lambda: self.policy.check_admin(identity))
+
+    def check_ingest(self, identity: Identity, source: str) -> None:
+        self.check(lambda: self.policy.check_ingest(identity, source))
 
     def check(self, step: Any) -> Any:
         """Run a policy check, noting its decision in the record either way."""

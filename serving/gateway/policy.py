@@ -62,7 +62,7 @@ __all__ = [
     "TeamRules",
 ]
 
-Check = Literal["team", "collection", "model", "admin"]
+Check = Literal["team", "collection", "model", "admin", "ingest"]
 
 Grant = list[str] | Literal["*"]
 
@@ -92,8 +92,13 @@ class RoleRules(StrictModel):
     admin: bool = Field(
         default=False, description="Whether it may use the admin operations."
     )
+    ingest: Grant = Field(
+        default_factory=list,
+        description="Streaming sources it may push change events to "
+        "(POST /ingest/{source}), or '*' for all.",
+    )
 
-    @field_validator("collections", "models", "labels", mode="before")
+    @field_validator("collections", "models", "labels", "ingest", mode="before")
     @classmethod
     def _grant(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -252,6 +257,7 @@ class Rights:
     models: frozenset[str] | None
     labels: frozenset[str] | None
     admin: bool
+    ingest: frozenset[str] | None = frozenset()
 
     @classmethod
     def of(cls, rules: RoleRules) -> Rights:
@@ -260,6 +266,7 @@ class Rights:
             models=_names(rules.models),
             labels=_names(rules.labels),
             admin=rules.admin,
+            ingest=_names(rules.ingest),
         )
 
     def __or__(self, other: Rights) -> Rights:
@@ -268,7 +275,11 @@ class Rights:
             models=_union(self.models, other.models),
             labels=_union(self.labels, other.labels),
             admin=self.admin or other.admin,
+            ingest=_union(self.ingest, other.ingest),
         )
+
+    def may_ingest(self, source: str) -> bool:
+        return self.ingest is None or source in self.ingest
 
     def may_use_collection(self, name: str) -> bool:
         return self.collections is None or name in self.collections
@@ -355,7 +366,9 @@ class Policy:
     def rights(self, identity: Identity) -> Rights | None:
         """The caller's rights; ``None`` when its team is not in the policy."""
         if self._config is None:
-            return Rights(None, None, frozenset(identity.labels), admin=False)
+            return Rights(
+                None, None, frozenset(identity.labels), admin=False, ingest=None
+            )
         team = self._teams.get(identity.team)
         if team is None:
             return None
@@ -380,6 +393,14 @@ class Policy:
     def decide_admin(self, identity: Identity) -> Decision:
         """Whether the caller may use admin operations, without raising."""
         return self._decide(identity, "admin", "admin", lambda r: r.admin)
+
+    def decide_ingest(self, identity: Identity, source: str) -> Decision:
+        """Whether the caller may push change events to a streaming source."""
+        return self._decide(identity, "ingest", source, lambda r: r.may_ingest(source))
+
+    def check_ingest(self, identity: Identity, source: str) -> Decision:
+        """Allow pushes to a streaming source or raise :class:`PolicyDenied`."""
+        return self._enforce(identity, self.decide_ingest(identity, source))
 
     def check_collection(self, identity: Identity, name: str) -> Decision:
         """Allow a collection or raise :class:`PolicyDenied`."""
@@ -440,7 +461,7 @@ class Policy:
         if self._config is None:
             allowed = check != "admin"
             reason = (
-                "no policy is configured: every collection and model is open"
+                "no policy is configured: every collection, model and source is open"
                 if allowed
                 else "no policy is configured, so nobody has admin rights"
             )
@@ -486,6 +507,14 @@ class Policy:
                 "grants them with 'admin: true' on the team or one of its roles in "
                 "the policy."
             )
+        if decision.check == "ingest":
+            return (
+                f"Team {team!r} may not push events to the source "
+                f"{decision.target!r}: {decision.reason}. Ask an administrator to "
+                f"add it to teams.{team}.ingest in the policy, or to one of the "
+                "team's roles; the team may push to: "
+                f"{_listed(self._granted(identity, 'ingest'))}."
+            )
         noun = "collection" if decision.check == "collection" else "model"
         return (
             f"Team {team!r} may not use the {noun} {decision.target!r}: "
@@ -498,7 +527,11 @@ class Policy:
         rights = self.rights(identity)
         if rights is None:
             return ()
-        names = rights.collections if noun == "collection" else rights.models
+        names = {
+            "collection": rights.collections,
+            "model": rights.models,
+            "ingest": rights.ingest,
+        }[noun]
         return names or ()
 
     def _scope(self, identity: Identity, rights: Rights) -> AccessScope:

@@ -51,7 +51,7 @@ from .conftest import free_port
 SECRET = "s" * 48
 ISSUER = "https://id.example.test"
 AUDIENCE = "ragline"
-GOVERNED = ("/ask", "/search", "/v1/", "/admin/")
+GOVERNED = ("/ask", "/search", "/v1/", "/admin/", "/ingest/")
 
 
 def _answer(request: GenerationRequest) -> str:
@@ -310,6 +310,7 @@ def _sample_requests(app: FastAPI) -> list[tuple[str, str, dict[str, Any] | None
             "messages": [{"role": "user", "content": "hi"}],
         },
         "/admin/keys": {"user": "x", "team": "search"},
+        "/ingest/{source}": {"op": "delete", "key": "a"},
     }
     found = []
     for path, operations in app.openapi()["paths"].items():
@@ -317,7 +318,8 @@ def _sample_requests(app: FastAPI) -> list[tuple[str, str, dict[str, Any] | None
             continue
         for method in operations:
             body = bodies.get(path) if method == "post" else None
-            found.append((method.upper(), path.replace("{key_id}", "0" * 12), body))
+            concrete = path.replace("{key_id}", "0" * 12).replace("{source}", "tickets")
+            found.append((method.upper(), concrete, body))
     return found
 
 
