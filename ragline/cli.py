@@ -28,6 +28,7 @@ from ingestion.errors import ConfigError, RaglineError
 from retrieval.config import SearchMode
 
 from .audit_cli import audit
+from .flows_cli import app as flows_app
 from .keys_cli import app as keys_app
 from .logs import configure_logging
 from .runtime import Runtime
@@ -49,6 +50,7 @@ sources_app = typer.Typer(help="Inspect sources and their freshness.")
 app.add_typer(index_app, name="index")
 app.add_typer(sources_app, name="sources")
 app.add_typer(keys_app, name="keys")
+app.add_typer(flows_app, name="flows")
 app.command("audit")(audit)
 
 # Wide enough that tables are not cut when the output is a file or a pipe.
@@ -148,6 +150,77 @@ def ingest(
     _print_reports(reports)
     failed_sources = [r for r in reports if r.status != "ok"]
     if failed_sources or (strict and any(r.failed for r in reports)):
+        raise typer.Exit(1)
+
+
+@app.command()
+def stream(
+    source: Annotated[
+        list[str] | None,
+        typer.Argument(help="Streaming sources to consume (default: all of them)."),
+    ] = None,
+    idle_exit: Annotated[
+        float | None,
+        typer.Option(
+            "--idle-exit",
+            help="Stop after the streams stayed empty this many seconds "
+            "(catch up, then exit); default: run until interrupted.",
+        ),
+    ] = None,
+    max_events: Annotated[
+        int | None,
+        typer.Option("--max-events", help="Stop after this many events per source."),
+    ] = None,
+) -> None:
+    """Consume streaming sources into the index until interrupted (Ctrl-C stops cleanly)."""
+    import signal
+    import threading
+
+    with _runtime() as runtime:
+        names = source or [s.name for s in runtime.settings.sources if s.streaming]
+        if not names:
+            raise ConfigError(
+                "No streaming sources are declared; add one of type redis_stream or "
+                "nats under 'sources'."
+            )
+        for name in names:
+            runtime.stream_config(name)  # fail fast on a batch source
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        results: dict[str, Any] = {}
+        failures: dict[str, BaseException] = {}
+
+        def consume(name: str) -> None:
+            try:
+                results[name] = runtime.consume(
+                    name, stop, max_events=max_events, idle_exit_s=idle_exit
+                )
+            except BaseException as error:  # noqa: BLE001 - reported below, exit 1
+                failures[name] = error
+                stop.set()
+
+        threads = [
+            threading.Thread(target=consume, args=(n,), name=f"ragline-stream-{n}")
+            for n in names
+        ]
+        err.print(f"consuming {', '.join(names)} (Ctrl-C stops)", markup=False)
+        for thread in threads:
+            thread.start()
+        while any(t.is_alive() for t in threads):
+            for thread in threads:
+                thread.join(timeout=0.5)
+    for name in names:
+        stats = results.get(name)
+        if stats is not None:
+            out.print(
+                f"{name}: {stats.events} events, {stats.applied} applied, "
+                f"{stats.dead_lettered} dead-lettered",
+                markup=False,
+            )
+    for name, error in failures.items():
+        err.print(f"error: {name}: {error}", highlight=False, markup=False)
+    if failures:
         raise typer.Exit(1)
 
 

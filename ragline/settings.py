@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from flows.config import FlowsConfig
 from index.config import CatalogConfig, CollectionConfig
 from ingestion.config import ChunkingConfig, EmbedderConfig, SourceConfig, StrictModel
 from ingestion.connectors.base import connector_for
@@ -62,6 +63,7 @@ class Settings(StrictModel):
     gateway: GatewayConfig = GatewayConfig()
     collections: tuple[CollectionConfig, ...] = Field(min_length=1)
     sources: tuple[SourceConfig, ...] = ()
+    flows: FlowsConfig = FlowsConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> Settings:
