@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/bench_vectors.py --real-vectors bench/.cache/retrieval-vectors.npy
 	$(BIN)/python bench/bench_serving.py
 	$(BIN)/python bench/bench_gateway.py
+	$(BIN)/python bench/bench_streaming.py
 
 check: install
 	$(BIN)/ruff format --check .
