@@ -4,6 +4,8 @@ Invariants:
 
 * Nothing is rebuilt while the live generation was built with the configured
   pipeline (embedding model, chunking, parser, backend), unless ``force``.
+* A collection fed by a streaming source is never rebuilt: the events its
+  stream already delivered cannot be listed again, and would be lost.
 * A candidate goes live only when the promotion gate passes it; otherwise
   the old generation stays live and the candidate is kept (state ``ready``)
   for inspection with ``ragline index list``.
@@ -141,6 +143,26 @@ def reindex_collection(
                 ["the live generation already matches the configured pipeline"],
                 live.id,
             )
+        streams = [
+            s.name
+            for s in runtime.sources()
+            if s.collection == collection and s.streaming
+        ]
+        if streams:
+            # A new generation is built from listings; events a stream already
+            # delivered would be missing from it.
+            reason = (
+                f"the collection is fed by the streaming source(s) {', '.join(streams)}, "
+                "whose past events a rebuild cannot list; rebuild such a collection "
+                "by replaying its streams into a new collection"
+            )
+            log.warning(
+                "reindex refused: collection=%s streaming_sources=%s",
+                collection,
+                ",".join(streams),
+            )
+            previous = live.id if live is not None else None
+            return ReindexResult(collection, "kept", [reason], previous)
         candidate = build_generation(collection)
         verdict = judge_generation(collection, candidate, live)
         return _decide(runtime, collection, candidate, live, verdict)

@@ -97,3 +97,20 @@ def test_failing_gate_keeps_the_old_generation_live(
     time.sleep(0.2)  # several checks of the service
     assert not searcher.errors, f"searches failed: {searcher.errors!r}"
     assert set(searcher.generations) == {before.live_generation}, searcher.generations
+
+
+def test_a_collection_fed_by_a_stream_is_not_rebuilt(flow_project: FlowProject) -> None:
+    text = flow_project.config.read_text(encoding="utf-8")
+    stream = (
+        "  - name: tickets\n    type: redis_stream\n    collection: docs\n"
+        "    stream: ragline-test:never-read\n"
+    )
+    flow_project.config.write_text(
+        text.replace("flows:\n", stream + "flows:\n", 1), encoding="utf-8"
+    )
+
+    result = reindex_collection("docs", config=str(flow_project.config), force=True)
+
+    assert result.decision == "kept", result
+    assert result.candidate_generation is None
+    assert "streaming source(s) tickets" in result.reasons[0], result.reasons
