@@ -678,12 +678,9 @@ class Catalog:
         now = utcnow()
         retired: list[int] = []
         with self._tx() as conn:
-            for record in records:
-                current = list(chunk_ids.get(record.doc_id, ()))
-                retired.extend(
-                    _swap_document_chunks(conn, generation_id, record.doc_id, current)
-                )
-                _upsert_document(conn, generation_id, record, now)
+            for batch in _batched(list(records)):
+                retired.extend(_swap_chunks(conn, generation_id, batch, chunk_ids))
+                _upsert_documents(conn, generation_id, batch, now)
         return retired
 
     def begin_delete_documents(
@@ -1336,48 +1333,88 @@ def _chunk_row(generation_id: int, chunk: Chunk, state: str) -> dict[str, Any]:
     }
 
 
-def _swap_document_chunks(
-    conn: Connection, generation_id: int, doc_id: str, current: Sequence[str]
+def _swap_chunks(
+    conn: Connection,
+    generation_id: int,
+    records: Sequence[DocumentRecord],
+    chunk_ids: Mapping[str, Sequence[str]],
 ) -> list[int]:
-    """Make ``current`` the live chunks of a document; return retired vector ids."""
+    """Make the given chunks the live ones of each document; return retired vector ids.
+
+    A few statements for the whole batch, whatever its size: the rows of all
+    its documents are read at once, and the states change by vector id.
+    """
+    doc_ids = [r.doc_id for r in records]
+    keep = {cid for d in doc_ids for cid in chunk_ids.get(d, ())}
     rows = conn.execute(
         sa.select(chunks.c.chunk_id, chunks.c.vector_id, chunks.c.state).where(
-            chunks.c.generation_id == generation_id, chunks.c.doc_id == doc_id
+            chunks.c.generation_id == generation_id, chunks.c.doc_id.in_(doc_ids)
         )
     ).all()
-    keep = set(current)
     retired = [
         int(r.vector_id)
         for r in rows
         if r.chunk_id not in keep and r.state != "deleting"
     ]
-    if retired:
-        conn.execute(
-            chunks.update()
-            .where(
-                chunks.c.generation_id == generation_id,
-                chunks.c.doc_id == doc_id,
-                chunks.c.chunk_id.not_in(keep) if keep else sa.true(),
+    revived = [
+        int(r.vector_id) for r in rows if r.chunk_id in keep and r.state != "live"
+    ]
+    for ids, state in ((retired, "deleting"), (revived, "live")):
+        for part in _batched(ids):
+            conn.execute(
+                chunks.update()
+                .where(
+                    chunks.c.generation_id == generation_id,
+                    chunks.c.vector_id.in_(part),
+                )
+                .values(state=state)
             )
-            .values(state="deleting")
-        )
-    if keep:
-        conn.execute(
-            chunks.update()
-            .where(
-                chunks.c.generation_id == generation_id,
-                chunks.c.doc_id == doc_id,
-                chunks.c.chunk_id.in_(keep),
-            )
-            .values(state="live")
-        )
     return retired
 
 
-def _upsert_document(
-    conn: Connection, generation_id: int, record: DocumentRecord, now: datetime
+def _upsert_documents(
+    conn: Connection,
+    generation_id: int,
+    records: Sequence[DocumentRecord],
+    now: datetime,
 ) -> None:
-    values = {
+    """Insert or update the document rows of a batch: one read, two bulk writes."""
+    existing = set(
+        conn.execute(
+            sa.select(documents.c.doc_id).where(
+                documents.c.generation_id == generation_id,
+                documents.c.doc_id.in_([r.doc_id for r in records]),
+            )
+        ).scalars()
+    )
+    updates = [
+        {
+            "b_generation_id": generation_id,
+            "b_doc_id": r.doc_id,
+            **_document_values(r, now),
+        }
+        for r in records
+        if r.doc_id in existing
+    ]
+    inserts = [
+        {"generation_id": generation_id, "doc_id": r.doc_id, **_document_values(r, now)}
+        for r in records
+        if r.doc_id not in existing
+    ]
+    if updates:
+        conn.execute(
+            documents.update().where(
+                documents.c.generation_id == sa.bindparam("b_generation_id"),
+                documents.c.doc_id == sa.bindparam("b_doc_id"),
+            ),
+            updates,
+        )
+    if inserts:
+        conn.execute(documents.insert(), inserts)
+
+
+def _document_values(record: DocumentRecord, now: datetime) -> dict[str, Any]:
+    return {
         "source": record.source,
         "key": record.key,
         "uri": record.uri,
@@ -1394,20 +1431,6 @@ def _upsert_document(
         "error_hash": None,
         "error_at": None,
     }
-    updated = conn.execute(
-        documents.update()
-        .where(
-            documents.c.generation_id == generation_id,
-            documents.c.doc_id == record.doc_id,
-        )
-        .values(**values)
-    ).rowcount
-    if not updated:
-        conn.execute(
-            documents.insert().values(
-                generation_id=generation_id, doc_id=record.doc_id, **values
-            )
-        )
 
 
 def _document_counts(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -28,6 +29,7 @@ from ingestion.errors import ConfigError, RaglineError
 from retrieval.config import SearchMode
 
 from .audit_cli import audit
+from .eval_cli import app as eval_app
 from .flows_cli import app as flows_app
 from .keys_cli import app as keys_app
 from .logs import configure_logging
@@ -51,6 +53,7 @@ app.add_typer(index_app, name="index")
 app.add_typer(sources_app, name="sources")
 app.add_typer(keys_app, name="keys")
 app.add_typer(flows_app, name="flows")
+app.add_typer(eval_app, name="eval")
 app.command("audit")(audit)
 
 # Wide enough that tables are not cut when the output is a file or a pipe.
@@ -100,6 +103,14 @@ def _configure_logging(settings: Settings) -> None:
     if settings.serve.auth is not None:
         secrets += [k.key.get_secret_value() for k in settings.serve.auth.api_keys]
     secrets += _gateway_secrets(settings)
+    webhook = settings.flows.freshness.webhook
+    if webhook is not None:
+        # The URL of a chat or paging webhook is itself the credential.
+        secrets.append(webhook.url.get_secret_value())
+    for source in settings.sources:
+        url = getattr(source, "url", None)  # a stream server's URL may hold a password
+        if isinstance(url, SecretStr) and "@" in url.get_secret_value():
+            secrets.append(url.get_secret_value())
     configure_logging(
         _state.log_level or settings.logging.level,
         json_format=settings.logging.json_format,
