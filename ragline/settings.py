@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from eval.config import EvalConfig
 from flows.config import FlowsConfig
 from index.config import CatalogConfig, CollectionConfig
 from ingestion.config import ChunkingConfig, EmbedderConfig, SourceConfig, StrictModel
@@ -64,6 +65,7 @@ class Settings(StrictModel):
     collections: tuple[CollectionConfig, ...] = Field(min_length=1)
     sources: tuple[SourceConfig, ...] = ()
     flows: FlowsConfig = FlowsConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> Settings:
