@@ -595,7 +595,7 @@ def index_verify(
 
 @sources_app.command("status")
 def sources_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Freshness per source: last successful sync and what the last run found."""
+    """Freshness per source: last sync, objective, stream lag, what the last run found."""
     with _runtime() as runtime:
         rows = runtime.source_rows()
     if as_json:
@@ -607,6 +607,9 @@ def sources_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> 
         "collection",
         "last_success_at",
         "staleness_s",
+        "max_staleness_s",
+        "stale",
+        "event_lag_s",
         "last_status",
         "documents",
         "seen",

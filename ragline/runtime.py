@@ -495,8 +495,8 @@ def _status_row(status: SourceStatus, config: SourceConfig) -> dict[str, Any]:
     if stream is not None:
         streaming = {
             "last_event_at": _iso(stream.last_event_at),
-            "event_lag_s": stream.last_lag_max_s,
-            "event_lag_p50_s": stream.last_lag_p50_s,
+            "event_lag_s": _rounded(stream.last_lag_max_s),
+            "event_lag_p50_s": _rounded(stream.last_lag_p50_s),
             "events_applied": stream.events_applied,
             "events_dead_lettered": stream.events_dead_lettered,
         }
@@ -519,6 +519,10 @@ def _status_row(status: SourceStatus, config: SourceConfig) -> dict[str, Any]:
         **_objective(config, staleness),
         **streaming,
     }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def _iso(value: datetime | None) -> str | None:
