@@ -11,6 +11,11 @@ any run store and ``serving`` never imports ``eval``: the composition root
 builds the router and mounts it on the app. An unknown run raises
 :class:`~ingestion.errors.NotFound`, which the service answers with 404.
 
+``readable`` decides who reads what: given the request, it identifies the
+caller (raising 401 without credentials) and returns which collections the
+caller may use. Runs of other collections are left out of the list, and
+their reports answer 403. Without it every run is readable.
+
 Without a ``history`` callable, a run's trend is built by loading the most
 recent runs of the same dataset and collection (``history_limit`` of them)
 and summarizing each; a store that keeps summaries should pass its own.
@@ -18,7 +23,8 @@ and summarizing each; a store that keeps summaries should pass its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Literal
@@ -27,7 +33,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from ingestion.errors import NotFound
+from ingestion.errors import AccessDenied, NotFound
 
 from .models import Comparison, MetricSummary, RunInfo, RunRecord
 from .report import (
@@ -50,6 +56,13 @@ Summarize = Callable[[RunRecord], list[MetricSummary]]
 CompareRuns = Callable[[RunRecord, RunRecord], Comparison]
 """A run against a baseline, in that order."""
 HistoryOf = Callable[[RunRecord], History]
+Readable = Callable[[Request], Awaitable[Callable[[str], bool]]]
+"""The collections the caller of a request may read runs of."""
+
+
+async def _everything(_request: Request) -> Callable[[str], bool]:
+    return lambda _collection: True
+
 
 Format = Annotated[
     Literal["html", "json", "md"],
@@ -65,9 +78,21 @@ def eval_router(
     *,
     history: HistoryOf | None = None,
     history_limit: int = 20,
+    readable: Readable | None = None,
 ) -> APIRouter:
     """The ``/eval`` report routes over a run store and the statistics."""
     router = APIRouter(prefix="/eval", tags=["eval"])
+    allowed_for = readable or _everything
+
+    async def readable_run(request: Request, run_id: str) -> RunRecord:
+        may_read = await allowed_for(request)
+        run = await asyncio.to_thread(run_or_404, run_id)
+        if not may_read(run.info.collection):
+            raise AccessDenied(
+                f"Run {run_id!r} evaluated the collection {run.info.collection!r}, "
+                "which your team may not use; ask an administrator for access to it."
+            )
+        return run
 
     def run_or_404(run_id: str) -> RunRecord:
         run = load_run(run_id)
@@ -84,9 +109,11 @@ def eval_router(
         return _recent_history(run, list_runs(), load_run, summarize, history_limit)
 
     @router.get("/runs", name="eval_runs", response_model=None)
-    def runs(request: Request, fmt: Format = "html") -> Response:
-        """Every run, newest first, linked to its report."""
-        infos = list(list_runs())
+    async def runs(request: Request, fmt: Format = "html") -> Response:
+        """Every run the caller may read, newest first, linked to its report."""
+        may_read = await allowed_for(request)
+        listed = await asyncio.to_thread(list_runs)
+        infos = [info for info in listed if may_read(info.collection)]
         if fmt == "json":
             return JSONResponse(
                 [
@@ -112,11 +139,13 @@ def eval_router(
         )
 
     @router.get("/runs/{run_id}", name="eval_run", response_model=None)
-    def run_report(run_id: str, fmt: Format = "html") -> Response:
+    async def run_report(
+        request: Request, run_id: str, fmt: Format = "html"
+    ) -> Response:
         """One run's report."""
-        run = run_or_404(run_id)
+        run = await readable_run(request, run_id)
         summaries = summarize(run)
-        past = history_of(run)
+        past = await asyncio.to_thread(history_of, run)
         if fmt == "json":
             return _json(render_run_json(run, summaries, past))
         if fmt == "md":
@@ -126,13 +155,13 @@ def eval_router(
     @router.get(
         "/runs/{run_id}/compare/{baseline_id}", name="eval_compare", response_model=None
     )
-    def comparison_report(
-        run_id: str, baseline_id: str, fmt: Format = "html"
+    async def comparison_report(
+        request: Request, run_id: str, baseline_id: str, fmt: Format = "html"
     ) -> Response:
         """A run against a baseline, compared on request."""
-        run = run_or_404(run_id)
-        baseline = run_or_404(baseline_id)
-        comparison = compare(run, baseline)
+        run = await readable_run(request, run_id)
+        baseline = await readable_run(request, baseline_id)
+        comparison = await asyncio.to_thread(compare, run, baseline)
         if fmt == "json":
             return _json(render_comparison_json(comparison, run, baseline))
         if fmt == "md":

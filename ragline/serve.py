@@ -19,14 +19,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, Request
 
+from eval.api import eval_router
+from eval.compare import compare, summarize
+from eval.store import EvalStore
 from index.catalog import Generation
 from index.vectors import open_vector_index
 from index.vectors.base import VectorIndex
 from index.vectors.follower import FollowingIndex
 from ingestion.embedding import Embedder
-from ingestion.errors import GenerationError
+from ingestion.errors import AccessDenied, GenerationError
 from retrieval.batching import QueryEmbedder
 from retrieval.rerank import CrossEncoderReranker, Reranker
 from retrieval.retriever import Retriever
@@ -322,12 +325,58 @@ def build_app(
             openai_router(service, gateway),
             admin_router(gateway),
             ingest_router(gateway, runtime.push, streams),
+            _eval_reports(runtime, gateway),
         ],
         readiness=_ServiceReadiness(collections, model, observer, runtime.source_rows),
         freshness=runtime.source_rows,
         max_request_bytes=serve.max_request_bytes,
         on_startup=start,
         on_shutdown=stop,
+    )
+
+
+def _eval_reports(runtime: Runtime, gateway: Gateway) -> APIRouter:
+    """``/eval``: the evaluation runs in the catalog, for callers of their collection."""
+    settings = runtime.settings.eval
+    stores: list[EvalStore] = []
+    opening = threading.Lock()
+
+    def store() -> EvalStore:
+        with opening:
+            if not stores:  # opened on first use, like the catalog
+                stores.append(EvalStore(runtime.catalog.engine))
+            return stores[0]
+
+    async def readable(request: Request) -> Callable[[str], bool]:
+        identity = await gateway.identify(request.headers)
+        decided: dict[str, bool] = {}
+
+        def may_read(collection: str) -> bool:
+            if collection not in decided:
+                try:
+                    gateway.caller(identity, collection)
+                    decided[collection] = True
+                except AccessDenied:
+                    decided[collection] = False
+            return decided[collection]
+
+        return may_read
+
+    return eval_router(
+        lambda run_id: store().load(run_id),
+        lambda: store().list(limit=200),
+        summarize,
+        lambda run, baseline: compare(
+            run,
+            baseline,
+            margins=settings.margins,
+            floors=settings.floors,
+            default_margin=settings.default_margin,
+            pass_threshold=settings.pass_threshold,
+            confidence=settings.confidence,
+            resamples=settings.resamples,
+        ),
+        readable=readable,
     )
 
 

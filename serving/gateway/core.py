@@ -69,7 +69,7 @@ _MESSAGE_OVERHEAD = 4
 # Completion tokens reserved when a request sets no max_tokens.
 _DEFAULT_COMPLETION = 256
 
-GOVERNED_PREFIXES = ("/ask", "/search", "/v1/", "/admin/", "/ingest/")
+GOVERNED_PREFIXES = ("/ask", "/search", "/v1/", "/admin/", "/ingest/", "/eval/")
 """Paths whose requests are governed, and audited."""
 
 

@@ -37,6 +37,7 @@ from fastapi.testclient import TestClient
 from starlette.requests import Request
 from starlette.routing import Route
 
+from eval.store import EvalStore
 from ingestion.embedding import CachedEmbedder
 from ragline.runtime import Runtime
 from ragline.serve import build_app
@@ -45,13 +46,14 @@ from serving.gateway.providers import GenerationRequest, ScriptedProvider
 from serving.gateway.store import ApiKeyStore
 from serving.openai_api import ChatCompletionRequest, _parsed_body
 from tests.conftest import EXAMPLES
+from tests.eval.builders import make_run
 
 from .conftest import free_port
 
 SECRET = "s" * 48
 ISSUER = "https://id.example.test"
 AUDIENCE = "ragline"
-GOVERNED = ("/ask", "/search", "/v1/", "/admin/", "/ingest/")
+GOVERNED = ("/ask", "/search", "/v1/", "/admin/", "/ingest/", "/eval/")
 
 
 def _answer(request: GenerationRequest) -> str:
@@ -161,6 +163,8 @@ def governed(
     )[1]
     earlier.close()
     store.revoke(keys["revoked"])
+    with EvalStore(settings.catalog_url()) as runs:
+        runs.save(make_run("run-docs", {"faithfulness": [0.9, 0.8]}))
     provider = ScriptedProvider([_answer])
     app = build_app(runtime, provider=provider, warm_up=False)
     port = free_port()
@@ -318,7 +322,12 @@ def _sample_requests(app: FastAPI) -> list[tuple[str, str, dict[str, Any] | None
             continue
         for method in operations:
             body = bodies.get(path) if method == "post" else None
-            concrete = path.replace("{key_id}", "0" * 12).replace("{source}", "tickets")
+            concrete = (
+                path.replace("{key_id}", "0" * 12)
+                .replace("{source}", "tickets")
+                .replace("{run_id}", "run-docs")
+                .replace("{baseline_id}", "run-docs")
+            )
             found.append((method.upper(), concrete, body))
     return found
 
@@ -337,6 +346,17 @@ def test_no_governed_route_bypasses_identity_or_policy(governed: Governed) -> No
             # Listing is allowed; it lists nothing the team may not use.
             assert outsider.status_code == 200, outsider.text
             assert outsider.json()["data"] == [], outsider.text
+        elif path == "/eval/runs":
+            # Listing is allowed; it lists no run of a collection the team may not use.
+            listed = governed.client.get(
+                path, params={"format": "json"}, headers=governed.headers("mallory")
+            )
+            assert outsider.status_code == 200, outsider.text
+            assert listed.json() == [], listed.text
+            insider = governed.client.get(
+                path, params={"format": "json"}, headers=governed.headers("bob")
+            )
+            assert [r["run_id"] for r in insider.json()] == ["run-docs"], insider.text
         else:
             assert outsider.status_code == 403, (path, outsider.text)
 
@@ -588,3 +608,17 @@ def test_each_request_gets_an_id_of_its_own(governed: Governed) -> None:
     assert len(set(values)) == 3, values
     assert all(re.fullmatch(r"[0-9a-f]{32}", v) for v in values), values
     assert [r.json()["id"] for r in ids] == [f"chatcmpl-{v}" for v in values]
+
+
+def test_eval_reports_are_served_to_teams_of_their_collection(
+    governed: Governed,
+) -> None:
+    report = governed.client.get("/eval/runs/run-docs", headers=governed.headers("bob"))
+    assert report.status_code == 200, report.text
+    assert "text/html" in report.headers["content-type"]
+    assert "run-docs" in report.text
+    refused = governed.client.get(
+        "/eval/runs/run-docs", headers=governed.headers("mallory")
+    )
+    assert refused.status_code == 403, refused.text
+    assert "may not use" in refused.json()["error"]
