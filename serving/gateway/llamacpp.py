@@ -60,6 +60,7 @@ __all__ = [
     "PACKAGED_MODEL",
     "LlamaCppConfig",
     "LlamaCppProvider",
+    "close_null_handles_at_exit",
     "packaged_model_path",
 ]
 
@@ -342,7 +343,7 @@ class LlamaCppProvider:
                 "The llama.cpp provider needs the 'llama-cpp-python' package, which "
                 "is not installed. Run: pip install llama-cpp-python"
             ) from err
-        _close_null_handles_at_exit()
+        close_null_handles_at_exit()
         started = time.perf_counter()
         config = self._config
         try:
@@ -489,7 +490,7 @@ class LlamaCppProvider:
 
 
 @functools.cache
-def _close_null_handles_at_exit() -> None:
+def close_null_handles_at_exit() -> None:
     """Closes the two handles on /dev/null that llama-cpp-python never closes.
 
     It opens them at import and uses them only to silence llama.cpp while a
