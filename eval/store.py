@@ -28,8 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -39,7 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from ingestion.errors import CatalogError, NotFound
-from serving.gateway.store import open_engine
+from serving.gateway.store import database_error, open_engine, transaction
 
 from .models import AnswerRecord, Cell, RunInfo, RunRecord
 
@@ -339,20 +338,11 @@ class EvalStore:
         except SQLAlchemyError:
             return False
 
-    @contextmanager
-    def _tx(self, what: str) -> Iterator[Connection]:
-        try:
-            with self._engine.begin() as conn:
-                yield conn
-        except SQLAlchemyError as err:
-            raise self._failed(what, err) from err
+    def _tx(self, what: str) -> AbstractContextManager[Connection]:
+        return transaction(self._engine, what, self._where)
 
     def _failed(self, what: str, err: SQLAlchemyError) -> CatalogError:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return CatalogError(
-            f"Could not {what} in {self._where}: {first_line}. Check catalog.url "
-            "and that the database is running."
-        )
+        return database_error(what, self._where, err)
 
 
 # -- rows and records -------------------------------------------------------------

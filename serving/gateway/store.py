@@ -36,7 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -417,20 +417,30 @@ class ApiKeyStore:
         except SQLAlchemyError:
             return False
 
-    @contextmanager
-    def _tx(self, what: str) -> Iterator[Connection]:
-        try:
-            with self._engine.begin() as conn:
-                yield conn
-        except SQLAlchemyError as err:
-            raise self._failed(what, err) from err
+    def _tx(self, what: str) -> AbstractContextManager[Connection]:
+        return transaction(self._engine, what, self._where)
 
     def _failed(self, what: str, err: SQLAlchemyError) -> CatalogError:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return CatalogError(
-            f"Could not {what} in {self._where}: {first_line}. Check catalog.url "
-            "and that the database is running."
-        )
+        return database_error(what, self._where, err)
+
+
+@contextmanager
+def transaction(engine: Engine, what: str, where: str) -> Iterator[Connection]:
+    """A transaction whose database errors become a :class:`CatalogError` saying
+    what could not be done, and where."""
+    try:
+        with engine.begin() as conn:
+            yield conn
+    except SQLAlchemyError as err:
+        raise database_error(what, where, err) from err
+
+
+def database_error(what: str, where: str, err: SQLAlchemyError) -> CatalogError:
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return CatalogError(
+        f"Could not {what} in {where}: {first_line}. Check catalog.url "
+        "and that the database is running."
+    )
 
 
 def open_engine(url: str) -> Engine:
